@@ -1,0 +1,130 @@
+"""From a seqio task to global, sharded batches, with a resumable position.
+
+Each host reads only its shard of the data (seqio ShardInfo from the process index)
+and supplies its slice of every global batch; `Partitioner.make_global_batch` turns
+the host-local numpy arrays into global `jax.Array`s.
+
+Resuming: the pipeline is deterministic for a given seed, so the position is just the
+number of batches already consumed; a resumed run rebuilds the dataset and skips
+them, and sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from partitioning.partitioner import Partitioner
+from t5x_like import data as data_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    """Which examples a run reads and how they are batched."""
+
+    mixture_or_task_name: str
+    task_feature_lengths: Mapping[str, int]
+    split: str = "train"
+    batch_size: int = 32  # global, over all hosts
+    shuffle: bool = True
+    seed: int | None = 0
+    use_packing: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+
+
+def _host_batch_size(cfg: DatasetConfig, partitioner: Partitioner) -> int:
+    partitioner.check_batch_size(cfg.batch_size)
+    num_hosts = jax.process_count()
+    if cfg.batch_size % num_hosts:
+        raise ValueError(
+            f"batch size {cfg.batch_size} is not divisible by the {num_hosts} hosts; "
+            f"use a multiple of {num_hosts}"
+        )
+    return cfg.batch_size // num_hosts
+
+
+def build_dataset(
+    cfg: DatasetConfig,
+    feature_converter: seqio.FeatureConverter,
+    partitioner: Partitioner,
+    *,
+    repeat: bool,
+) -> tf.data.Dataset:
+    """This host's batched tf.data pipeline for `cfg` (model features)."""
+    shard_id, num_shards = partitioner.data_shard_info()
+    return data_lib.get_dataset(
+        cfg.mixture_or_task_name,
+        cfg.task_feature_lengths,
+        split=cfg.split,
+        batch_size=_host_batch_size(cfg, partitioner),
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        feature_converter=feature_converter,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        num_epochs=None if repeat else 1,
+    )
+
+
+class TrainIterator:
+    """Global training batches; `position` is how many were consumed (checkpointed)."""
+
+    def __init__(
+        self,
+        cfg: DatasetConfig,
+        feature_converter: seqio.FeatureConverter,
+        partitioner: Partitioner,
+        *,
+        start_position: int = 0,
+    ):
+        self.cfg = cfg
+        self.partitioner = partitioner
+        ds = build_dataset(cfg, feature_converter, partitioner, repeat=True)
+        if start_position:
+            ds = ds.skip(start_position)
+        self._it = ds.prefetch(2).as_numpy_iterator()
+        self.position = start_position
+
+    def __iter__(self) -> Iterator[dict[str, jax.Array]]:
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        host_batch = next(self._it)
+        self.position += 1
+        return self.partitioner.make_global_batch(
+            {k: np.asarray(v, np.int32) for k, v in host_batch.items()}
+        )
+
+    def state(self) -> dict[str, int]:
+        return {"position": self.position, "batch_size": self.cfg.batch_size}
+
+
+def eval_batches(
+    cfg: DatasetConfig,
+    feature_converter: seqio.FeatureConverter,
+    partitioner: Partitioner,
+    *,
+    num_batches: int | None,
+) -> list[dict[str, jax.Array]]:
+    """Up to `num_batches` global batches of one pass over an eval split."""
+    ds = build_dataset(cfg, feature_converter, partitioner, repeat=False)
+    if num_batches is not None:
+        ds = ds.take(num_batches)
+    batches = [
+        partitioner.make_global_batch({k: np.asarray(v, np.int32) for k, v in b.items()})
+        for b in ds.as_numpy_iterator()
+    ]
+    if not batches:
+        raise ValueError(
+            f"evaluation on {cfg.mixture_or_task_name!r} split {cfg.split!r} produced no "
+            f"batch of {cfg.batch_size}; use a smaller eval batch size or check the split"
+        )
+    return batches

@@ -1,0 +1,87 @@
+"""The one way train, eval and infer build a model, a mesh, a partitioner and state.
+
+`Runtime` is small on purpose: it holds the Model API, the partitioner and the
+network's abstract definition, and knows how to get parameters (fresh, sharded, or
+restored from a checkpoint onto the current mesh). The run modes call it; none of them
+repeats this setup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+from flax import nnx
+
+from partitioning import mesh as mesh_lib
+from partitioning import rules as rules_lib
+from partitioning.partitioner import Partitioner
+from t5x_like import checkpoints
+from t5x_like.trainer import NetworkDef, network_def
+
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Runtime:
+    model: Any  # a Model API, e.g. model_api.EncoderDecoderModel
+    partitioner: Partitioner
+    net: NetworkDef
+
+    @classmethod
+    def build(
+        cls,
+        model,
+        *,
+        mesh_config: mesh_lib.MeshConfig | None = None,
+        rules: str | rules_lib.LogicalRules = "dp",
+    ) -> Runtime:
+        mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig())
+        if isinstance(rules, str):
+            rules = rules_lib.get_rules(rules)
+        partitioner = Partitioner(mesh, rules)
+        with partitioner.activate():
+            net = network_def(lambda: model.make_network(nnx.Rngs(0)))
+        return cls(model=model, partitioner=partitioner, net=net)
+
+    def create_network(self, rngs: nnx.Rngs) -> nnx.Module:
+        return self.model.make_network(rngs)
+
+    @property
+    def param_shardings(self) -> PyTree:
+        return self.partitioner.shardings(self.partitioner.logical_specs(self.net.abstract_state))
+
+    def abstract_params(self) -> PyTree:
+        """Parameter ShapeDtypeStructs with their target shardings."""
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            self.net.abstract_params(),
+            self.param_shardings,
+        )
+
+    def restore_params(self, checkpoint_path: str | os.PathLike[str]) -> PyTree:
+        """Parameters of a checkpoint, read straight into this mesh's shardings."""
+        return checkpoints.restore_params(checkpoint_path, self.abstract_params())
+
+    def init_params(self, seed: int = 0) -> PyTree:
+        """Fresh parameters, initialised directly into their shardings."""
+
+        def init():
+            network = self.create_network(nnx.Rngs(params=seed, default=seed))
+            return nnx.state(network, nnx.Param).to_pure_dict()
+
+        with self.partitioner.activate():
+            return jax.jit(init, out_shardings=self.param_shardings)()
+
+    def write_model_info(self, model_dir: str | os.PathLike[str]) -> pathlib.Path:
+        """MODEL_DIR/model-info.txt: every parameter's shape, axes, mesh spec, bytes/device."""
+        path = pathlib.Path(model_dir) / "model-info.txt"
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            text = self.partitioner.describe(self.net.abstract_state, self.param_shardings)
+            header = f"mesh: {dict(self.partitioner.mesh.shape)}\n"
+            path.write_text(header + text + "\n")
+        return path

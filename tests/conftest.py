@@ -1,0 +1,20 @@
+"""Test set-up: 8 simulated CPU devices, created before jax is first imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+try:  # seqio/tf.data must never grab an accelerator or many threads in tests.
+    import tensorflow as tf  # noqa: E402
+
+    tf.config.set_visible_devices([], "GPU")
+except Exception:  # pragma: no cover - tensorflow is a hard dependency, but be gentle.
+    pass
