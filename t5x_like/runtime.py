@@ -25,7 +25,7 @@ from t5x_like.trainer import NetworkDef, network_def
 PyTree = Any
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: jitted functions are cached per runtime
 class Runtime:
     model: Any  # a Model API, e.g. model_api.EncoderDecoderModel
     partitioner: Partitioner
