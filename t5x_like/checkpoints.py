@@ -38,36 +38,47 @@ class Checkpointer:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
         self.directory = pathlib.Path(directory).absolute()
+        self._started: set[int] = set()  # steps this process has started saving
+        self.save_interval_steps = save_interval_steps
+        # The cadence is decided here (`should_save`): orbax's own would also save the first
+        # step of a run that has no checkpoint yet.
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep,
-                save_interval_steps=save_interval_steps,
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
         )
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps(read=True))
+        self._manager.reload()
+        return list(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
-        return self._manager.should_save(step)
+        return step % self.save_interval_steps == 0
 
-    def save(
-        self, step: int, state: PyTree, data_state: Mapping[str, Any], *, force: bool = False
-    ) -> bool:
-        """Starts an (async) save of step `step`; returns whether one was started."""
-        return self._manager.save(
+    def save(self, step: int, state: PyTree, data_state: Mapping[str, Any]) -> bool:
+        """Starts an (async) save of step `step` (once per step); returns whether it did."""
+        if step in self._started:
+            return False
+        started = self._manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(dict(data_state))
             ),
-            force=force,
+            force=True,
         )
+        if started:
+            self._started.add(step)
+        return started
+
+    def has_step(self, step: int) -> bool:
+        """Whether `step` is saved or being saved (pending async saves included)."""
+        return step in self._started or step in self.all_steps()
 
     def restore(self, step: int | None, abstract_state: PyTree) -> tuple[PyTree, dict[str, Any]]:
         """Restores `step` (default: latest) onto the shardings in `abstract_state`.

@@ -40,17 +40,6 @@ class DatasetConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
 
 
-def _host_batch_size(cfg: DatasetConfig, partitioner: Partitioner) -> int:
-    partitioner.check_batch_size(cfg.batch_size)
-    num_hosts = jax.process_count()
-    if cfg.batch_size % num_hosts:
-        raise ValueError(
-            f"batch size {cfg.batch_size} is not divisible by the {num_hosts} hosts; "
-            f"use a multiple of {num_hosts}"
-        )
-    return cfg.batch_size // num_hosts
-
-
 def build_dataset(
     cfg: DatasetConfig,
     feature_converter: seqio.FeatureConverter,
@@ -64,7 +53,7 @@ def build_dataset(
         cfg.mixture_or_task_name,
         cfg.task_feature_lengths,
         split=cfg.split,
-        batch_size=_host_batch_size(cfg, partitioner),
+        batch_size=partitioner.host_batch_size(cfg.batch_size),
         shuffle=cfg.shuffle,
         seed=cfg.seed,
         feature_converter=feature_converter,

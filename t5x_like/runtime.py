@@ -9,8 +9,10 @@ repeats this setup.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -38,8 +40,10 @@ class Runtime:
         *,
         mesh_config: mesh_lib.MeshConfig | None = None,
         rules: str | rules_lib.LogicalRules = "dp",
+        devices: Sequence[jax.Device] | None = None,
     ) -> Runtime:
-        mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig())
+        """`devices` defaults to all devices (tests pass one device for a reference run)."""
+        mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
         if isinstance(rules, str):
             rules = rules_lib.get_rules(rules)
         partitioner = Partitioner(mesh, rules)
@@ -50,9 +54,9 @@ class Runtime:
     def create_network(self, rngs: nnx.Rngs) -> nnx.Module:
         return self.model.make_network(rngs)
 
-    @property
+    @functools.cached_property
     def param_shardings(self) -> PyTree:
-        return self.partitioner.shardings(self.partitioner.logical_specs(self.net.abstract_state))
+        return self.partitioner.param_shardings(self.net.abstract_state)
 
     def abstract_params(self) -> PyTree:
         """Parameter ShapeDtypeStructs with their target shardings."""
@@ -71,7 +75,7 @@ class Runtime:
 
         def init():
             network = self.create_network(nnx.Rngs(params=seed, default=seed))
-            return nnx.state(network, nnx.Param).to_pure_dict()
+            return nnx.to_pure_dict(nnx.state(network, nnx.Param))
 
         with self.partitioner.activate():
             return jax.jit(init, out_shardings=self.param_shardings)()

@@ -83,7 +83,7 @@ class CheckpointHook(Hook):
         return ctx.checkpointer.should_save(step) or step == ctx.total_steps
 
     def __call__(self, step, metrics, ctx):
-        ctx.checkpointer.save(step, ctx.state, ctx.data.state(), force=step == ctx.total_steps)
+        ctx.checkpointer.save(step, ctx.state, ctx.data.state())
 
 
 class EvalHook(Hook):
@@ -258,11 +258,11 @@ def train(
                 if hook.due(step, ctx):
                     hook(step, metrics, ctx)
             if preemption.requested:
-                checkpointer.save(step, ctx.state, data.state(), force=True)
                 break
-        else:
-            if last > start_step and last != total_steps:
-                checkpointer.save(last, ctx.state, data.state(), force=True)
+    # Stopped early (preemption, stop_after_steps): make sure the last step is saved.
+    final = int(jax.device_get(ctx.state.step))
+    if final > start_step and not checkpointer.has_step(final):
+        checkpointer.save(final, ctx.state, data.state())
 
     # 6. Flush.
     checkpointer.close()

@@ -49,7 +49,7 @@ class NetworkDef:
         return nnx.merge(self.graphdef, state)
 
     def abstract_params(self) -> PyTree:
-        return self.abstract_state.to_pure_dict()
+        return nnx.to_pure_dict(self.abstract_state)
 
 
 def network_def(create_fn: Callable[[], nnx.Module]) -> NetworkDef:
@@ -104,7 +104,10 @@ class Trainer:
         self.state_shardings = TrainState(
             step=self.replicated,
             params=self.param_shardings,
-            opt_state=partitioner.opt_state_shardings(abstract_opt, self.param_shardings),
+            opt_state=partitioner.opt_state_shardings(
+                abstract_opt, self.param_shardings, optimizer=optimizer.tx,
+                abstract_params=abstract_params,
+            ),
         )
         self.batch_sharding = partitioner.batch_sharding(2)
 

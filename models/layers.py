@@ -1,0 +1,692 @@
+"""Shared Flax NNX layers for every model family (T5, GPT-2, Llama, BERT, MoE).
+
+Families compose these layers and never copy them: a family that needs another detail
+adds an argument here. Parameters are created in `param_dtype` (float32 by default) and
+cast to the activation `dtype` (e.g. bfloat16) at use; norms and attention logits are
+computed in float32 whatever the activation dtype.
+
+Einsum / shape letters used in comments and signatures:
+
+    B batch              T query length        S key length        L cache length
+    N heads              K kv heads            G = N // K query heads per kv head
+    H head dim           D model (embed) dim   F mlp (hidden) dim
+    E experts            V vocab
+
+Every parameter carries logical axis names (its `out_sharding` metadata, set by
+`nnx.with_partitioning`): embed, mlp, heads, kv, vocab, relpos_buckets (and, for later
+families, kv_heads, expert, expert_mlp, layers). `partitioning.rules` maps them onto the
+mesh; an unmapped name is replicated. Parameters are never sharded eagerly when created
+(the names are logical, not mesh axes): the partitioner shards them.
+
+Dropout modules hold no RNG state, so `nnx.state(model)` holds only `nnx.Param`s. Pass
+`rngs=nnx.Rngs(dropout=key)` together with `deterministic=False` at call time; every
+dropout call draws a fresh key from that stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from partitioning import rules
+
+Array = jax.Array
+DType = Any  # a jnp dtype or its name, e.g. jnp.bfloat16 or "bfloat16"
+Initializer = jax.nn.initializers.Initializer
+Axes = Sequence[str | None]
+
+# Large negative logit for masked keys. A finite value keeps fully masked rows (padding
+# queries) finite: they become a uniform average instead of NaN.
+NEG_INF = -1e10
+
+# T5X's initialisers. Kernels are initialised on their 2-D (fan_in, fan_out) view, see
+# `DenseGeneral`, so fan_in of the query kernel [D, N, H] is D.
+default_kernel_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+default_attention_kernel_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+default_embed_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+default_relpos_init = jax.nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+def partitioned(init: Initializer, names: Axes) -> Initializer:
+    """`init` whose Variable carries the logical axis `names` (one per parameter dim).
+
+    Eager sharding is off because the names are logical: the partitioner maps them to
+    mesh axes with `partitioning.rules` and shards the whole state at once.
+    """
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
+def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
+    return tuple(x) if isinstance(x, Sequence) else (x,)
+
+
+def _constrain(x: Array, names: Axes) -> Array:
+    return rules.with_logical_constraint(x, names)
+
+
+# --- activations ----------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "linear": lambda x: x,
+    # T5X's / HF's T5 v1.1 "gelu" is the tanh approximation (HF calls it gelu_new).
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    """The activation function called `name` (a key of `ACTIVATIONS`)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; use one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+# --- linear layers ----------------------------------------------------------------------
+
+
+class DenseGeneral(nnx.Module):
+    """A linear map over arbitrary input axes to arbitrary output feature axes.
+
+    The kernel has shape `in_features + out_features` (e.g. [D, N, H] for a query
+    projection, [N, H, D] for the attention output) and logical axes `kernel_axes`.
+    Every projection of every family goes through this class, so LoRA and quantisation
+    wrap one place. `kernel_init` is called on the 2-D view (prod(in), prod(out)) and
+    reshaped, so fan-in based initialisers see the true fan-in (T5X does the same).
+    """
+
+    def __init__(
+        self,
+        in_features: int | Sequence[int],
+        out_features: int | Sequence[int],
+        *,
+        kernel_axes: Axes,
+        axis: int | Sequence[int] = -1,
+        use_bias: bool = False,
+        bias_axes: Axes | None = None,
+        kernel_init: Initializer = default_kernel_init,
+        bias_init: Initializer = jax.nn.initializers.zeros,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        precision: jax.lax.PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = _as_tuple(in_features)
+        self.out_features = _as_tuple(out_features)
+        self.axis = _as_tuple(axis)
+        if len(self.axis) != len(self.in_features):
+            raise ValueError(
+                f"axis {self.axis} and in_features {self.in_features} must have the same length"
+            )
+        kernel_shape = self.in_features + self.out_features
+        if len(kernel_axes) != len(kernel_shape):
+            raise ValueError(
+                f"kernel_axes {tuple(kernel_axes)} must name every dim of kernel {kernel_shape}"
+            )
+        flat_shape = (math.prod(self.in_features), math.prod(self.out_features))
+
+        def init_2d(key, shape, dtype):
+            return kernel_init(key, flat_shape, dtype).reshape(shape)
+
+        self.kernel = nnx.Param(
+            partitioned(init_2d, kernel_axes)(rngs.params(), kernel_shape, param_dtype)
+        )
+        if use_bias:
+            if bias_axes is None:
+                bias_axes = tuple(kernel_axes)[len(self.in_features):]
+            self.bias = nnx.Param(
+                partitioned(bias_init, bias_axes)(rngs.params(), self.out_features, param_dtype)
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.dtype = jnp.dtype(dtype)
+        self.precision = precision
+
+    def __call__(self, inputs: Array) -> Array:
+        """[..., *in_features (at `axis`)...] -> [..., *out_features]."""
+        axis = tuple(a % inputs.ndim for a in self.axis)
+        got = tuple(inputs.shape[a] for a in axis)
+        if got != self.in_features:
+            raise ValueError(
+                f"input dims {got} at axes {axis} of {inputs.shape} do not match "
+                f"in_features {self.in_features}"
+            )
+        kernel = self.kernel[...].astype(self.dtype)
+        contract = ((axis, tuple(range(len(axis)))), ((), ()))
+        out = jax.lax.dot_general(
+            inputs.astype(self.dtype), kernel, contract, precision=self.precision
+        )
+        if self.bias is not None:
+            out = out + self.bias[...].astype(self.dtype)
+        return out
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D] with `attend()` for tied output logits."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        embedding_init: Initializer = default_embed_init,
+        dtype: DType = jnp.float32,
+        attend_dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.embedding = nnx.Param(
+            partitioned(embedding_init, ("vocab", "embed"))(
+                rngs.params(), (num_embeddings, features), param_dtype
+            )
+        )
+        self.dtype = jnp.dtype(dtype)
+        self.attend_dtype = jnp.dtype(attend_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        """ids [...] integer -> [..., D]. Ids outside [0, V) give NaN rows (loudly wrong)."""
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"token ids must be integers, got {ids.dtype}")
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+    def attend(self, query: Array) -> Array:
+        """query [..., D] -> logits [..., V] against every embedding row."""
+        table = self.embedding[...].astype(self.attend_dtype)
+        return jnp.einsum("...d,vd->...v", query.astype(self.attend_dtype), table)
+
+
+# --- norms ------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """T5's layer norm: x / sqrt(mean(x^2) + eps) * scale; no mean subtraction, no bias.
+
+    Computed in float32 whatever the input dtype; the result is cast to `dtype`.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        epsilon: float = 1e-6,
+        scale_init: Initializer = jax.nn.initializers.ones,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.scale = nnx.Param(
+            partitioned(scale_init, ("embed",))(rngs.params(), (features,), param_dtype)
+        )
+        self.epsilon = epsilon
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """[..., D] -> [..., D]."""
+        x = x.astype(jnp.float32)
+        mean2 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(mean2 + self.epsilon)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """Standard layer norm (mean subtraction, optional bias), computed in float32."""
+
+    def __init__(
+        self,
+        features: int,
+        *,
+        epsilon: float = 1e-5,
+        use_bias: bool = True,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.scale = nnx.Param(
+            partitioned(jax.nn.initializers.ones, ("embed",))(
+                rngs.params(), (features,), param_dtype
+            )
+        )
+        if use_bias:
+            self.bias = nnx.Param(
+                partitioned(jax.nn.initializers.zeros, ("embed",))(
+                    rngs.params(), (features,), param_dtype
+                )
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.epsilon = epsilon
+        self.dtype = jnp.dtype(dtype)
+
+    def __call__(self, x: Array) -> Array:
+        """[..., D] -> [..., D]."""
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# --- positions --------------------------------------------------------------------------
+
+
+def relative_position_bucket(
+    relative_position: Array,
+    *,
+    bidirectional: bool = True,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> Array:
+    """T5's bucket of `relative_position` = key position - query position (int32).
+
+    Half of the buckets (of each direction when bidirectional) hold exact distances
+    0..max_exact-1; the rest grow logarithmically up to `max_distance`, beyond which all
+    distances share the last bucket. Causal (bidirectional=False) maps keys after the
+    query (positive offsets) to bucket 0; they are masked anyway.
+    """
+    n = -jnp.asarray(relative_position, jnp.int32)  # distance looking back
+    ret = jnp.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets  # keys after the query
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # eps as in T5X: keeps log() finite at n = 0 (that branch is not selected anyway).
+    val_if_large = max_exact + (
+        jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nnx.Module):
+    """T5 relative position attention bias: one learned scalar per (head, bucket).
+
+    Takes explicit query and key positions, so the same module serves full sequences,
+    packed sequences (positions reset per segment) and KV-cached decoding (query
+    positions index + t against cache slots 0..L-1).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        *,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = True,
+        embedding_init: Initializer = default_relpos_init,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+        self.rel_embedding = nnx.Param(
+            partitioned(embedding_init, ("heads", "relpos_buckets"))(
+                rngs.params(), (num_heads, num_buckets), param_dtype
+            )
+        )
+
+    def __call__(self, query_positions: Array, key_positions: Array) -> Array:
+        """positions [T] or [B, T] and [S] or [B, S] -> float32 bias [B or 1, N, T, S]."""
+        rel = key_positions[..., None, :] - query_positions[..., :, None]  # [(B,) T, S]
+        buckets = relative_position_bucket(
+            rel,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+        table = self.rel_embedding[...].astype(jnp.float32)  # [N, buckets]
+        bias = jnp.take(table, buckets, axis=1)  # [N, (B,) T, S]
+        if bias.ndim == 3:
+            return bias[None]  # [1, N, T, S]
+        return jnp.moveaxis(bias, 0, 1)  # [B, N, T, S]
+
+
+# --- masks ------------------------------------------------------------------------------
+
+
+def make_attention_mask(
+    query_input: Array,
+    key_input: Array,
+    pairwise_fn: Callable[[Array, Array], Array] = jnp.logical_and,
+) -> Array:
+    """[B, T] and [B, S] -> bool mask [B, 1, T, S] = pairwise_fn(query, key).
+
+    E.g. padding: `make_attention_mask(q_tokens > 0, k_tokens > 0)`.
+    """
+    mask = pairwise_fn(query_input[..., :, None], key_input[..., None, :])  # [B, T, S]
+    return mask[..., None, :, :].astype(jnp.bool_)  # [B, 1, T, S]
+
+
+def make_causal_mask(x: Array) -> Array:
+    """[B, T] (values unused) -> bool [B, 1, T, T]: query t sees keys 0..t of its row."""
+    idx = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+    return make_attention_mask(idx, idx, jnp.greater_equal)
+
+
+def make_segment_mask(query_segment_ids: Array, key_segment_ids: Array) -> Array:
+    """Packing: [B, T], [B, S] -> bool [B, 1, T, S], true within the same segment."""
+    return make_attention_mask(query_segment_ids, key_segment_ids, jnp.equal)
+
+
+def make_cache_mask(index: Array, query_length: int, cache_length: int) -> Array:
+    """KV-cached self-attention: bool [B, 1, T, L].
+
+    The T new queries of example b sit at cache slots index[b] + t; each sees the slots
+    written so far up to itself, so later (future or stale) slots are masked.
+    """
+    query_slots = index[:, None] + jnp.arange(query_length, dtype=jnp.int32)  # [B, T]
+    key_slots = jnp.arange(cache_length, dtype=jnp.int32)[None, :]  # [1, L]
+    return (key_slots[:, None, :] <= query_slots[:, :, None])[:, None]  # [B, 1, T, L]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    """Logical AND of the given masks (None entries ignored); None if none given."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0].astype(jnp.bool_)
+    for m in masks[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+# --- attention --------------------------------------------------------------------------
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of one attention layer: k, v [B, L, K, H].
+
+    A plain pytree with batch-major leaves: beam search reorders it with `take`;
+    positions >= the owner's index are never attended, so rolling back is just moving
+    that index.
+    """
+
+    k: Array
+    v: Array
+
+    @classmethod
+    def zeros(cls, batch: int, length: int, num_kv_heads: int, head_dim: int,
+              dtype: DType = jnp.float32) -> KVCache:
+        """An empty cache of `length` slots."""
+        shape = (batch, length, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, k_new: Array, v_new: Array, index: Array) -> KVCache:
+        """Writes k/v_new [B, T, K, H] at slots index[b]..index[b]+T-1 of each example.
+
+        Slots past the end are dropped (never wrap or clamp onto earlier tokens).
+        """
+        batch, t = k_new.shape[:2]
+        rows = jnp.arange(batch)[:, None]  # [B, 1]
+        cols = index[:, None] + jnp.arange(t, dtype=index.dtype)  # [B, T]
+        k = self.k.at[rows, cols].set(k_new.astype(self.k.dtype), mode="drop")
+        v = self.v.at[rows, cols].set(v_new.astype(self.v.dtype), mode="drop")
+        return KVCache(k=k, v=v)
+
+    def take(self, indices: Array) -> KVCache:
+        """Selects / reorders examples along the batch axis (beam search)."""
+        return KVCache(k=self.k[indices], v=self.v[indices])
+
+
+def _split_heads(x: Array, num_kv_heads: int) -> Array:
+    """Mask or bias [B, N or 1, T, S] -> [B, K or 1, G or 1, T, S]."""
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    scale: float = 1.0,
+    dropout: Callable[[Array], Array] | None = None,
+) -> Array:
+    """softmax(scale * q.k + bias, masked) . v with grouped kv heads.
+
+    query [B, T, N, H], key/value [B, S, K, H] with N a multiple of K (K == N: MHA,
+    K == 1: MQA); mask (bool) and bias broadcastable to [B, N, T, S] with a head dim of
+    N or 1. Logits and softmax are float32; returns [B, T, N, H] in value's dtype.
+    """
+    b, t, n, h = query.shape
+    k_heads = key.shape[2]
+    if n % k_heads:
+        raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k_heads}")
+    q = query.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, N, H] -> [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
+    if scale != 1.0:
+        logits = logits * scale
+    if bias is not None:
+        logits = logits + _split_heads(bias, k_heads).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(_split_heads(mask, k_heads), logits, NEG_INF)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # [B, K, G, T, S]
+    if dropout is not None:
+        weights = dropout(weights)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, value)
+    return out.reshape(b, t, n, h)  # [B, T, K, G, H] -> [B, T, N, H]
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention: self, causal, cross; MHA / GQA / MQA; optional KV cache.
+
+    Params: query [D, N, H], key and value [Dkv, K, H], out [N, H, D].
+    `scale_in_query_init=True` is T5's scheme: no 1/sqrt(H) on the logits, folded into
+    the query kernel init instead (stddev (D*H)^-0.5 under the default init); otherwise
+    the logits are scaled by 1/sqrt(H) (GPT, Llama, BERT).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        num_kv_heads: int | None = None,
+        kv_features: int | None = None,
+        out_features: int | None = None,
+        dropout_rate: float = 0.0,
+        use_bias: bool = False,
+        scale_in_query_init: bool = False,
+        kernel_init: Initializer = default_attention_kernel_init,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_kv_heads or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}"
+            )
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = 1.0 if scale_in_query_init else head_dim**-0.5
+        query_init = kernel_init
+        if scale_in_query_init:
+            def query_init(key, shape, dtype):
+                return kernel_init(key, shape, dtype) / math.sqrt(head_dim)
+
+        # Fewer kv heads than heads may not divide the model mesh axis: give them their
+        # own logical name (replicated unless the rules map 'kv_heads').
+        kv_heads_axis = "heads" if num_kv_heads == num_heads else "kv_heads"
+        self.kv_axes = ("batch", "length", kv_heads_axis, "kv")
+        dense = functools.partial(
+            DenseGeneral, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        kv_features = kv_features or in_features
+        self.query = dense(in_features, (num_heads, head_dim), kernel_init=query_init,
+                           kernel_axes=("embed", "heads", "kv"))
+        self.key = dense(kv_features, (num_kv_heads, head_dim), kernel_init=kernel_init,
+                         kernel_axes=("embed", kv_heads_axis, "kv"))
+        self.value = dense(kv_features, (num_kv_heads, head_dim), kernel_init=kernel_init,
+                           kernel_axes=("embed", kv_heads_axis, "kv"))
+        self.out = dense((num_heads, head_dim), out_features or in_features, axis=(-2, -1),
+                         kernel_init=kernel_init, kernel_axes=("heads", "kv", "embed"))
+        # Broadcast over queries (dim -2 of [B, K, G, T, S]) as T5X does.
+        self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(-2,))
+
+    def project_kv(self, inputs_kv: Array) -> KVCache:
+        """[B, S, Dkv] -> keys and values [B, S, K, H] (e.g. cross-attention, once)."""
+        k = _constrain(self.key(inputs_kv), self.kv_axes)
+        v = _constrain(self.value(inputs_kv), self.kv_axes)
+        return KVCache(k=k, v=v)
+
+    def attend(
+        self,
+        inputs_q: Array,
+        kv: KVCache,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Array:
+        """Queries from inputs_q [B, T, D] attend to given keys/values [B, S, K, H].
+
+        mask: bool [B|1, N|1, T, S]; bias: [B|1, N|1, T, S]. Returns [B, T, D].
+        """
+        q = _constrain(self.query(inputs_q), ("batch", "length", "heads", "kv"))
+        x = dot_product_attention(
+            q,
+            kv.k.astype(q.dtype),
+            kv.v.astype(q.dtype),
+            mask=mask,
+            bias=bias,
+            scale=self.scale,
+            dropout=lambda w: self.dropout(w, deterministic=deterministic, rngs=rngs),
+        )
+        x = _constrain(x, ("batch", "length", "heads", "kv"))
+        return _constrain(self.out(x), ("batch", "length", "embed"))
+
+    def __call__(
+        self,
+        inputs_q: Array,
+        inputs_kv: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> Array:
+        """Self-attention (inputs_kv None) or cross-attention: [B, T, D] -> [B, T, D]."""
+        kv = self.project_kv(inputs_q if inputs_kv is None else inputs_kv)
+        return self.attend(inputs_q, kv, mask=mask, bias=bias,
+                           deterministic=deterministic, rngs=rngs)
+
+    def cached_self_attention(
+        self,
+        inputs: Array,
+        cache: KVCache,
+        index: Array,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[Array, KVCache]:
+        """Writes the K/V of T new tokens [B, T, D] at index[b].. and attends over the cache.
+
+        `mask` [B, 1, T, L] must hide slots after each query (see `make_cache_mask`).
+        Returns ([B, T, D], the updated cache).
+        """
+        new = self.project_kv(inputs)
+        cache = cache.write(new.k, new.v, index)
+        out = self.attend(inputs, cache, mask=mask, bias=bias,
+                          deterministic=deterministic, rngs=rngs)
+        return out, cache
+
+
+# --- MLP --------------------------------------------------------------------------------
+
+
+class MlpBlock(nnx.Module):
+    """Feed-forward block; several activations are multiplied together (gated MLP).
+
+    ('relu',): relu(x Wi) Wo (T5 1.0, BERT-like); ('gelu', 'linear'): gated GELU of T5
+    v1.1; ('silu', 'linear'): SwiGLU of Llama. Kernels: wi (or wi_0, wi_1, ...) [D, F],
+    wo [F, D]. Dropout acts on the hidden activations, broadcast over length as in T5X.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        activations: Sequence[str] = ("relu",),
+        out_features: int | None = None,
+        dropout_rate: float = 0.0,
+        use_bias: bool = False,
+        kernel_init: Initializer = default_kernel_init,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.activations = tuple(activations)
+        if not self.activations:
+            raise ValueError("MlpBlock needs at least one activation, e.g. ('relu',)")
+        for name in self.activations:
+            get_activation(name)  # fail early on unknown names
+        dense = functools.partial(
+            DenseGeneral, use_bias=use_bias, kernel_init=kernel_init, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
+        )
+        for name in self.input_names:
+            setattr(self, name, dense(in_features, hidden_features,
+                                      kernel_axes=("embed", "mlp")))
+        self.wo = dense(hidden_features, out_features or in_features,
+                        kernel_axes=("mlp", "embed"))
+        self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(-2,))
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Attribute names of the input projections, T5X's: 'wi' or 'wi_0', 'wi_1', ..."""
+        if len(self.activations) == 1:
+            return ("wi",)
+        return tuple(f"wi_{i}" for i in range(len(self.activations)))
+
+    def __call__(
+        self, x: Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+    ) -> Array:
+        """[..., D] -> [..., D]."""
+        h = None
+        for name, act in zip(self.input_names, self.activations):
+            y = get_activation(act)(getattr(self, name)(x))  # [..., F]
+            h = y if h is None else h * y
+        h = self.dropout(h, deterministic=deterministic, rngs=rngs)
+        if h.ndim == 3:
+            h = _constrain(h, ("batch", "length", "mlp"))
+        return self.wo(h)
