@@ -1,5 +1,7 @@
 """t5x_like: a JAX/Flax NNX research framework in the line of T5X."""
 
+import pathlib
+
 import setuptools
 
 _CORE = [
@@ -23,7 +25,7 @@ setuptools.setup(
     name="t5x_like",
     version="0.1.0",
     description="JAX/Flax NNX framework for T5-style pretraining, fine-tuning and inference.",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["t5x_like", "t5x_like.*", "models", "models.*",

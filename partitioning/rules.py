@@ -62,7 +62,8 @@ _SHARED: tuple[tuple[str, MeshTarget], ...] = (
 
 def _preset(*, embed: MeshTarget, tensor: MeshTarget) -> tuple[tuple[str, MeshTarget], ...]:
     """A full table: `embed` shards weights' model dim, `tensor` the Megatron dims."""
-    return _SHARED + (
+    return (
+        *_SHARED,
         ("embed", embed),
         ("mlp", tensor),
         ("heads", tensor),

@@ -29,7 +29,7 @@ def _batched(ds: tf.data.Dataset, batch_size: int):
         n = len(index)
         if n < batch_size:
             features = {
-                k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:], v.dtype)])
+                k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
                 for k, v in features.items()
             }
         yield index, {k: np.asarray(v, np.int32) for k, v in features.items()}, n

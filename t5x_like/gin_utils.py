@@ -86,7 +86,7 @@ def _known_names(like: str) -> list[str]:
     """Registered configurable names, cut to as many dotted parts as `like` has."""
     parts = like.count(".") + 1
     names = set()
-    for selector, _ in gin.config._REGISTRY.items():  # pylint: disable=protected-access
+    for selector, _ in gin.config._REGISTRY.items():  # noqa: PERF102 (a SelectorMap)
         names.add(".".join(selector.split(".")[-parts:]))
     return sorted(names)
 
@@ -103,7 +103,8 @@ def _explain_parse_error(err: Exception, bindings: Sequence[str]) -> Exception:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     where = f" (from binding {offending[0]!r})" if offending else ""
     return ValueError(
-        f"unknown gin binding {unknown!r}{where}: no configurable of that name is registered.{hint} "
+        f"unknown gin binding {unknown!r}{where}: no configurable of that name is registered."
+        f"{hint} "
         "Check the spelling, or import its module in the gin file "
         "(`from __gin__ import dynamic_registration` then `from MODULE import NAME`).\n"
         f"gin said: {text}"

@@ -41,7 +41,9 @@ def _parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--log_level", default="INFO")
     args = parser.parse_args(rest)
     if not args.gin_file:
-        parser.error("at least one --gin_file is required, e.g. --gin_file=experiments/quickstart.gin")
+        parser.error(
+            "at least one --gin_file is required, e.g. --gin_file=experiments/quickstart.gin"
+        )
     return args, args.gin_bindings + gin_bindings
 
 
@@ -61,19 +63,27 @@ def _maybe_init_distributed(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, bindings = _parse_flags(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
     for noisy in ("absl", "tensorflow", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    import gin
     import tensorflow as tf
+
+    import gin
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
     _maybe_init_distributed(args)
 
-    from t5x_like import data  # noqa: F401  (registers the seqio tasks)
-    from t5x_like import evaluate, gin_utils, infer, train
+    from t5x_like import (
+        data,  # noqa: F401  (registers the seqio tasks)
+        evaluate,
+        gin_utils,
+        infer,
+        train,
+    )
 
     search = gin_utils.default_search_paths() + list(args.gin_search_paths or [])
     gin_utils.parse_gin(args.gin_file, bindings, search, finalize=False)

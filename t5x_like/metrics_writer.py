@@ -43,7 +43,7 @@ class MetricsWriter:
         model_dir = pathlib.Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = model_dir / "metrics.jsonl"
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard:
             from tensorboardX import SummaryWriter  # imported lazily: optional sink.
 

@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from t5x_like.metrics_writer import read_metrics
 
 
-def plot(model_dir: str, out: str | None = None,
-         metrics: Sequence[str] = ("loss", "accuracy", "learning_rate", "grad_norm")) -> pathlib.Path:
+def plot(
+    model_dir: str,
+    out: str | None = None,
+    metrics: Sequence[str] = ("loss", "accuracy", "learning_rate", "grad_norm"),
+) -> pathlib.Path:
     """Writes the PNG and returns its path."""
     import matplotlib
 

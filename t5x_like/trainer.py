@@ -67,7 +67,7 @@ def _split_microbatches(batch: Mapping[str, jax.Array], num: int) -> dict[str, j
             )
         # [B, ...] -> [M, B/M, ...]; microbatch m takes rows m, M+m, 2M+m, ... so that each
         # microbatch stays spread over the data-parallel devices.
-        return jnp.swapaxes(x.reshape((x.shape[0] // num, num) + x.shape[1:]), 0, 1)
+        return jnp.swapaxes(x.reshape((x.shape[0] // num, num, *x.shape[1:])), 0, 1)
 
     return {k: split(v) for k, v in batch.items()}
 
@@ -82,7 +82,7 @@ class Trainer:
 
     def __init__(
         self,
-        runtime: "Runtime",
+        runtime: Runtime,
         optimizer: OptimizerDef,
         *,
         num_microbatches: int = 1,

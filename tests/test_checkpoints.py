@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from t5x_like import checkpoints
 
@@ -38,7 +39,8 @@ def test_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 3]
     mesh2x4 = _mesh((2, 4), ("a", "b"))
-    target = _abstract(state, lambda a: NamedSharding(mesh2x4, P(None, "b") if a.ndim == 2 else P()))
+    target = _abstract(
+        state, lambda a: NamedSharding(mesh2x4, P(None, "b") if a.ndim == 2 else P()))
     restored, data = ckpt.restore(None, target)
     ckpt.close()
     assert data == {"position": 3}
@@ -67,9 +69,10 @@ def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(tmp_path):
     ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3)
     target = _abstract(state, lambda a: NamedSharding(mesh, P()))
     with pytest.raises(checkpoints.CheckpointError,
-                       match=r"checkpoint step 2 .* cannot be restored .*Nothing was deleted.*\[1\]"):
+                       match=r"checkpoint step 2 .* cannot be restored .*Nothing was deleted"
+                             r".*\[1\]"):
         ckpt.restore(2, target)
-    restored, data = ckpt.restore(1, target)  # the earlier step is intact
+    _, data = ckpt.restore(1, target)  # the earlier step is intact
     assert data == {"position": 1}
     ckpt.close()
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before

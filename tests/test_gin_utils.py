@@ -1,8 +1,8 @@
 """Flag rewriting, REQUIRED macros and unknown-binding errors of the gin edge."""
 
-import gin
 import pytest
 
+import gin
 from t5x_like import gin_utils
 
 
@@ -61,7 +61,8 @@ def test_unknown_binding_names_it_and_suggests(tmp_path):
         "from t5x_like import gin_utils\n"
         "gin_utils.write_config.operative = False\n"
     )
-    with pytest.raises(ValueError, match=r"unknown gin binding 'gin_utils\.write_confg'.*Did you mean"):
+    with pytest.raises(ValueError,
+                       match=r"unknown gin binding 'gin_utils\.write_confg'.*Did you mean"):
         gin_utils.parse_gin([str(f)], ["gin_utils.write_confg.operative = True"],
                             search_paths=[str(tmp_path)])
 

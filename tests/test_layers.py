@@ -144,7 +144,7 @@ def test_dense_general_shapes_axes_and_values():
 def test_dense_general_rejects_bad_axes_and_inputs():
     with pytest.raises(ValueError, match=r"kernel_axes \('embed',\) must name every dim"):
         layers.DenseGeneral(4, 8, kernel_axes=("embed",), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="axis .* and in_features .* same length"):
+    with pytest.raises(ValueError, match=r"axis .* and in_features .* same length"):
         layers.DenseGeneral((2, 4), 8, kernel_axes=("a", "b", "c"), rngs=nnx.Rngs(0))
     dense = layers.DenseGeneral(4, 8, kernel_axes=("embed", "mlp"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"input dims \(5,\) .* do not match in_features \(4,\)"):

@@ -165,7 +165,7 @@ def test_build_optimizer_schedule_and_errors():
         optimizers.build_optimizer(optax.sgd(0.1))
     with pytest.raises(ValueError, match="already carries its schedule"):
         optimizers.build_optimizer(optimizers.sgd(), schedule=sched)
-    with pytest.raises(ValueError, match="grad_clip_norm=0.0 must be a positive number"):
+    with pytest.raises(ValueError, match=r"grad_clip_norm=0\.0 must be a positive number"):
         optimizers.build_optimizer(optimizers.sgd(), grad_clip_norm=0.0)
 
 

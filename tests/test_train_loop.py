@@ -4,11 +4,11 @@ another mesh, metrics / model-info / config files, and the CLI's errors."""
 import functools
 import json
 
-import gin
 import jax
 import numpy as np
 import pytest
 
+import gin
 from models import encoder_decoder
 from partitioning import mesh as mesh_lib
 from t5x_like import checkpoints, input_pipeline, main, model_api, optimizers, train
@@ -41,7 +41,7 @@ def _train(model_dir, total_steps, **kw):
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _uninterrupted(tmp_root):
     model_dir = tmp_root / "uninterrupted"
     state = _train(model_dir, 6)
@@ -139,7 +139,8 @@ def test_cli_rejects_an_unknown_binding(clean_gin, tmp_path):
 
 
 def test_cli_rejects_an_unknown_task(clean_gin, tmp_path):
-    with pytest.raises(ValueError, match=r"shakespeare_span_corruptoin.*shakespeare_span_corruption"):
+    with pytest.raises(ValueError,
+                       match=r"shakespeare_span_corruptoin.*shakespeare_span_corruption"):
         main.main(["--gin_file=experiments/quickstart.gin", f"--gin.MODEL_DIR={tmp_path}",
                    "--gin.MIXTURE_OR_TASK_NAME=shakespeare_span_corruptoin"])
 

@@ -77,7 +77,7 @@ def _run(mesh_config, rules, *, devices=None, num_microbatches=1, model=None, ba
     return losses, jax.device_get(state.params), state, runtime
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _single_device():
     return _run(mesh_lib.MeshConfig(data=1), "dp", devices=jax.devices()[:1])
 
@@ -111,7 +111,7 @@ def test_sharded_training_matches_single_device(rules):
 
 
 def test_fsdp_holds_one_eighth_of_large_parameters_per_device():
-    _, _, state, runtime = _run(PRESETS["fsdp"], "fsdp", batches=_batches(n=1))
+    _, _, state, _ = _run(PRESETS["fsdp"], "fsdp", batches=_batches(n=1))
     big = [a for a in jax.tree.leaves(state.params) if a.size >= 128 * 128]
     assert big
     for a in big:
