@@ -70,9 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-    import tensorflow as tf
-
     import gin
+    import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
     _maybe_init_distributed(args)

@@ -8,12 +8,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 try:  # seqio/tf.data must never grab an accelerator or many threads in tests.
-    import tensorflow as tf  # noqa: E402
+    import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
 except Exception:  # pragma: no cover - tensorflow is a hard dependency, but be gentle.

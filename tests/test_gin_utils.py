@@ -1,8 +1,8 @@
 """Flag rewriting, REQUIRED macros and unknown-binding errors of the gin edge."""
 
+import gin
 import pytest
 
-import gin
 from t5x_like import gin_utils
 
 

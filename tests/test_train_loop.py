@@ -4,11 +4,11 @@ another mesh, metrics / model-info / config files, and the CLI's errors."""
 import functools
 import json
 
+import gin
 import jax
 import numpy as np
 import pytest
 
-import gin
 from models import encoder_decoder
 from partitioning import mesh as mesh_lib
 from t5x_like import checkpoints, input_pipeline, main, model_api, optimizers, train
