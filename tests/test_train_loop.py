@@ -11,7 +11,7 @@ import pytest
 
 from models import encoder_decoder
 from partitioning import mesh as mesh_lib
-from t5x_like import checkpoints, input_pipeline, main, model_api, optimizers, train
+from t5x_like import checkpoints, input_pipeline, main, model_api, optimizers, plot, train
 from t5x_like.data import vocabularies
 from t5x_like.metrics_writer import read_metrics
 from t5x_like.runtime import Runtime
@@ -77,6 +77,8 @@ def test_run_leaves_config_model_info_and_metrics(uninterrupted):
     assert any("tokens_per_sec" in r for r in records)
     assert list((model_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert checkpoints.Checkpointer(model_dir / "checkpoints").all_steps() == [3, 6]
+    png = plot.plot(str(model_dir), str(model_dir / "curves.png"))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_checkpoint_restores_onto_a_different_mesh_exactly(uninterrupted):
