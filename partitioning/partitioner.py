@@ -356,8 +356,8 @@ class Partitioner:
     # --- parameters ---------------------------------------------------------------------
 
     def sharded_init(
-        self, create_fn: Callable[[], nnx.Module]
-    ) -> tuple[nnx.GraphDef, PyTree, PyTree]:
+        self, create_fn: Callable[[], nnx.Module], param_shardings: PyTree | None = None
+    ) -> tuple[nnx.GraphDef | None, PyTree, PyTree]:
         """Creates a network's parameters directly in their shardings.
 
         `create_fn` builds the network (with its own `nnx.Rngs`). It is traced once
@@ -365,11 +365,15 @@ class Partitioner:
         under one `jax.jit` whose out_shardings place every parameter: no device ever
         holds a whole unsharded model. Returns (graphdef, params pure dict, shardings);
         `nnx.merge(graphdef, state)` after `nnx.replace_by_pure_dict` rebuilds the module.
+        Callers that already hold the shardings pass them and skip the abstract trace
+        (graphdef is then None).
         """
+        graphdef = None
         with self.activate():
-            abstract = nnx.eval_shape(create_fn)
-            graphdef, abstract_state = nnx.split(abstract, nnx.Param)
-            param_shardings = self.param_shardings(abstract_state)
+            if param_shardings is None:
+                abstract = nnx.eval_shape(create_fn)
+                graphdef, abstract_state = nnx.split(abstract, nnx.Param)
+                param_shardings = self.param_shardings(abstract_state)
 
             def init():
                 return nnx.to_pure_dict(nnx.state(create_fn(), nnx.Param))

@@ -56,6 +56,7 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        self._manager.reload()  # another process (a killed run) may have written steps
         return self._manager.latest_step()
 
     def should_save(self, step: int) -> bool:
@@ -124,7 +125,10 @@ def restore_params(path: str | os.PathLike[str], abstract_params: PyTree) -> PyT
     """
     path = pathlib.Path(path).absolute()
     if not (path / "state").is_dir():
-        steps = sorted(int(p.name) for p in path.glob("[0-9]*") if (p / "state").is_dir())
+        # Only finished steps: orbax's in-progress `N.orbax-checkpoint-tmp-*` folders are skipped.
+        steps = sorted(
+            int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()
+        ) if path.is_dir() else []
         if not steps:
             raise CheckpointError(
                 f"no checkpoint under {path}: expected a step directory holding 'state/' "

@@ -80,10 +80,10 @@ def infer(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with open(out_path, "w", encoding="utf-8") as f:
-        for batch in batches:
+        for batch, num_real in batches:
             tokens = predict(runtime, params, batch, decode)
             host = jax.device_get(batch)
-            for i in range(tokens.shape[0]):
+            for i in range(num_real):
                 record = {
                     "input": decode_text(model.input_vocabulary, host["encoder_input_tokens"][i]),
                     "prediction": decode_text(model.output_vocabulary, tokens[i]),

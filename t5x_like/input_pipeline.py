@@ -46,6 +46,7 @@ def build_dataset(
     partitioner: Partitioner,
     *,
     repeat: bool,
+    drop_remainder: bool = True,
 ) -> tf.data.Dataset:
     """This host's batched tf.data pipeline for `cfg` (model features)."""
     shard_id, num_shards = partitioner.data_shard_info()
@@ -60,6 +61,7 @@ def build_dataset(
         shard_id=shard_id,
         num_shards=num_shards,
         num_epochs=None if repeat else 1,
+        drop_remainder=drop_remainder,
     )
 
 
@@ -96,24 +98,38 @@ class TrainIterator:
         return {"position": self.position, "batch_size": self.cfg.batch_size}
 
 
+def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Zero rows appended up to `rows` (zero tokens carry zero loss weight)."""
+    return {
+        k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)]) if len(v) < rows
+        else v
+        for k, v in batch.items()
+    }
+
+
 def eval_batches(
     cfg: DatasetConfig,
     feature_converter: seqio.FeatureConverter,
     partitioner: Partitioner,
     *,
     num_batches: int | None,
-) -> list[dict[str, jax.Array]]:
-    """Up to `num_batches` global batches of one pass over an eval split."""
-    ds = build_dataset(cfg, feature_converter, partitioner, repeat=False)
+) -> list[tuple[dict[str, jax.Array], int]]:
+    """Up to `num_batches` global batches of one pass over an eval split.
+
+    Every example is kept: the last, partial batch is padded with zero rows. Returns
+    (batch, number of real rows on this host) pairs.
+    """
+    ds = build_dataset(cfg, feature_converter, partitioner, repeat=False, drop_remainder=False)
     if num_batches is not None:
         ds = ds.take(num_batches)
-    batches = [
-        partitioner.make_global_batch({k: np.asarray(v, np.int32) for k, v in b.items()})
-        for b in ds.as_numpy_iterator()
-    ]
+    rows = partitioner.host_batch_size(cfg.batch_size)
+    batches = []
+    for b in ds.as_numpy_iterator():
+        host = _pad_rows({k: np.asarray(v, np.int32) for k, v in b.items()}, rows)
+        batches.append((partitioner.make_global_batch(host), len(next(iter(b.values())))))
     if not batches:
         raise ValueError(
             f"evaluation on {cfg.mixture_or_task_name!r} split {cfg.split!r} produced no "
-            f"batch of {cfg.batch_size}; use a smaller eval batch size or check the split"
+            "batch; check the split has examples"
         )
     return batches

@@ -95,11 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{fn.__module__}.{fn.__name__} (e.g. gin/runs/{args.run_mode}.gin): {err}"
         ) from err
     gin.finalize()
+    import jax
+
     model_dir = _macro_or_none("MODEL_DIR")
-    if model_dir and args.run_mode == "train":
+    write_config = bool(model_dir) and args.run_mode == "train" and jax.process_index() == 0
+    if write_config:
         gin_utils.write_config(model_dir)  # the full config, in case the run dies
     configured()
-    if model_dir and args.run_mode == "train":
+    if write_config:
         gin_utils.write_config(model_dir, operative=True)  # what the run actually used
     return 0
 

@@ -44,15 +44,10 @@ class Runtime:
     ) -> Runtime:
         """`devices` defaults to all devices (tests pass one device for a reference run)."""
         mesh = mesh_lib.make_mesh(mesh_config or mesh_lib.MeshConfig(), devices)
-        if isinstance(rules, str):
-            rules = rules_lib.get_rules(rules)
         partitioner = Partitioner(mesh, rules)
         with partitioner.activate():
             net = network_def(lambda: model.make_network(nnx.Rngs(0)))
         return cls(model=model, partitioner=partitioner, net=net)
-
-    def create_network(self, rngs: nnx.Rngs) -> nnx.Module:
-        return self.model.make_network(rngs)
 
     @functools.cached_property
     def param_shardings(self) -> PyTree:
@@ -71,14 +66,12 @@ class Runtime:
         return checkpoints.restore_params(checkpoint_path, self.abstract_params())
 
     def init_params(self, seed: int = 0) -> PyTree:
-        """Fresh parameters, initialised directly into their shardings."""
-
-        def init():
-            network = self.create_network(nnx.Rngs(params=seed, default=seed))
-            return nnx.to_pure_dict(nnx.state(network, nnx.Param))
-
-        with self.partitioner.activate():
-            return jax.jit(init, out_shardings=self.param_shardings)()
+        """Fresh parameters, initialised directly into their shardings (one jit)."""
+        _, params, _ = self.partitioner.sharded_init(
+            lambda: self.model.make_network(nnx.Rngs(params=seed, default=seed)),
+            self.param_shardings,
+        )
+        return params
 
     def write_model_info(self, model_dir: str | os.PathLike[str]) -> pathlib.Path:
         """MODEL_DIR/model-info.txt: every parameter's shape, axes, mesh spec, bytes/device."""

@@ -100,7 +100,7 @@ class EvalHook(Hook):
                 ctx.runtime.partitioner, num_batches=self.num_batches,
             )
         sums = None
-        for batch in self._batches:
+        for batch, _ in self._batches:  # padding rows have zero loss weight
             out = ctx.trainer.run_eval_step(ctx.state.params, batch)
             sums = out if sums is None else jax.tree.map(np.add, sums, out)
         sums = jax.device_get(sums)
@@ -122,7 +122,7 @@ class SampleHook(Hook):
             self._batch = input_pipeline.eval_batches(
                 dataclasses.replace(self.cfg, use_packing=False),
                 model.feature_converter(pack=False), ctx.runtime.partitioner, num_batches=1,
-            )[0]
+            )[0][0]
         tokens = infer.predict(ctx.runtime, ctx.state.params, self._batch)
         if jax.process_index() != 0:
             return
@@ -219,8 +219,15 @@ def train(
     )
     state, data_state = _restore_or_init(checkpointer, runtime, trainer, seed)
     start_step = int(jax.device_get(state.step))
-    if data_state.get("batch_size", train_dataset_cfg.batch_size) != train_dataset_cfg.batch_size:
-        logging.warning("batch size changed since the checkpoint: the data position is approximate")
+    saved_batch = data_state.get("batch_size", train_dataset_cfg.batch_size)
+    if saved_batch != train_dataset_cfg.batch_size:
+        logging.warning(
+            "batch size changed since the checkpoint (%d -> %d): resuming skips %d batches of "
+            "the new size, so the examples seen will not line up with the earlier run",
+            saved_batch, train_dataset_cfg.batch_size, data_state.get("position", 0))
+    if train_dataset_cfg.seed is None:
+        logging.warning("train_dataset_cfg.seed is None: the data order is not reproducible and "
+                        "a resumed run will not see the batches the interrupted one would have")
 
     # 3. Data, positioned where the checkpoint left off.
     data = input_pipeline.TrainIterator(
@@ -239,10 +246,15 @@ def train(
         * (lengths.get("encoder_input_tokens", 0) + lengths.get("decoder_target_tokens", 0))
     )
     hooks: list[Hook] = [log_hook, CheckpointHook()]
-    if eval_dataset_cfg is not None and eval_every:
+    if (eval_every or sample_every) and eval_dataset_cfg is None:
+        raise ValueError(
+            f"eval_every={eval_every} / sample_every={sample_every} need eval_dataset_cfg; "
+            "bind train.eval_dataset_cfg or set both to 0"
+        )
+    if eval_every:
         hooks.append(EvalHook(eval_every, eval_dataset_cfg, eval_batches))
-        if sample_every:
-            hooks.append(SampleHook(sample_every, eval_dataset_cfg, num_samples))
+    if sample_every:
+        hooks.append(SampleHook(sample_every, eval_dataset_cfg, num_samples))
     hooks.extend(extra_hooks)
     ctx = LoopContext(runtime, trainer, writer, checkpointer, data, model_dir_path, total_steps,
                       state)
@@ -250,7 +262,7 @@ def train(
         on_ready(ctx)
 
     # 5. The loop.
-    last = min(total_steps, stop_after_steps) if stop_after_steps else total_steps
+    last = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
     with _Preemption() as preemption:
         for step in range(start_step + 1, last + 1):
             ctx.state, metrics = trainer.run_train_step(ctx.state, next(data))
