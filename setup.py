@@ -34,7 +34,15 @@ setuptools.setup(
     include_package_data=True,
     install_requires=_CORE,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            # Hugging Face parity tests (tests/test_hf_parity.py). torch must stay pinned
+            # to 2.13.0, the CPU wheel that lies on disk on these machines: any other
+            # version (or a range) makes pip fetch a CUDA build of several GB.
+            "torch==2.13.0",
+            "transformers>=4.50,<6",  # checked with 4.57.6 and 5.24.0
+        ],
         "tpu": ["jax[tpu]>=0.10.0,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.13"],
     },
