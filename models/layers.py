@@ -166,10 +166,22 @@ class DenseGeneral(nnx.Module):
                 f"in_features {self.in_features}"
             )
         kernel = self.kernel[...].astype(self.dtype)
-        contract = ((axis, tuple(range(len(axis)))), ((), ()))
-        out = jax.lax.dot_general(
-            inputs.astype(self.dtype), kernel, contract, precision=self.precision
-        )
+        inputs = inputs.astype(self.dtype)
+        n_in = len(axis)
+        if axis == tuple(range(inputs.ndim - n_in, inputs.ndim)):
+            # Trailing axes (every projection today): one plain 2-D matmul. XLA's CPU
+            # backend runs a [M, K] @ [K, N] dot and its weight gradient on a fast path,
+            # where a multi-axis dot_general costs transposing copies (benchmarks/README).
+            batch_shape = inputs.shape[:-n_in]
+            flat_in = math.prod(self.in_features)
+            out = jnp.dot(
+                inputs.reshape(-1, flat_in),  # [M, prod(in)]
+                kernel.reshape(flat_in, -1),  # [prod(in), prod(out)]
+                precision=self.precision,
+            ).reshape(*batch_shape, *self.out_features)
+        else:
+            contract = ((axis, tuple(range(n_in))), ((), ()))
+            out = jax.lax.dot_general(inputs, kernel, contract, precision=self.precision)
         if self.bias is not None:
             out = out + self.bias[...].astype(self.dtype)
         return out
