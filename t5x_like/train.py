@@ -53,13 +53,19 @@ class Hook:
 
 
 class LogHook(Hook):
-    """Console / TensorBoard / metrics.jsonl, with tokens/s and step time."""
+    """Console / TensorBoard / metrics.jsonl, with tokens/s and step time.
+
+    The first step of every (resumed) run is logged too, so the starting loss is on record.
+    """
 
     def __init__(self, every: int):
         self.every = every
         self._last_time = time.perf_counter()
         self._last_step: int | None = None
         self._tokens_per_step: int | None = None
+
+    def due(self, step, ctx):
+        return self._last_step is None or super().due(step, ctx)
 
     def __call__(self, step, metrics, ctx):
         values = jax.device_get(metrics)  # the only host sync on the hot path
