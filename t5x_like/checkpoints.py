@@ -113,7 +113,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        """Waits for pending async saves, then releases the manager."""
         self._manager.close()
 
 
@@ -143,12 +143,13 @@ def restore_params(path: str | os.PathLike[str], abstract_params: PyTree) -> PyT
     )
     try:
         # partial_restore: only `params` is read; step and optimizer state are skipped.
-        restored = ocp.PyTreeCheckpointer().restore(
-            path / "state",
-            args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=restore_args, partial_restore=True
-            ),
-        )
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(
+                path / "state",
+                args=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=restore_args, partial_restore=True
+                ),
+            )
     except Exception as err:  # orbax raises many types for unreadable files.
         raise CheckpointError(
             f"checkpoint {path} cannot be restored ({type(err).__name__}: {str(err)[:300]}); "

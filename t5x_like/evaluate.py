@@ -17,22 +17,18 @@ import jax
 import numpy as np
 import seqio
 import tensorflow as tf
+from jax.sharding import NamedSharding, PartitionSpec
 
 from partitioning import mesh as mesh_lib
-from t5x_like import infer
+from t5x_like import infer, input_pipeline
 from t5x_like.runtime import Runtime
 
 
 def _batched(ds: tf.data.Dataset, batch_size: int):
     """(indices, features) numpy batches; the last one is padded with zero rows."""
     for index, features in ds.batch(batch_size).as_numpy_iterator():
-        n = len(index)
-        if n < batch_size:
-            features = {
-                k: np.concatenate([v, np.zeros((batch_size - n, *v.shape[1:]), v.dtype)])
-                for k, v in features.items()
-            }
-        yield index, {k: np.asarray(v, np.int32) for k, v in features.items()}, n
+        features = {k: np.asarray(v, np.int32) for k, v in features.items()}
+        yield index, input_pipeline.pad_rows(features, batch_size), len(index)
 
 
 def make_model_fns(
@@ -40,13 +36,17 @@ def make_model_fns(
 ) -> tuple[Callable, Callable]:
     partitioner = runtime.partitioner
     partitioner.check_batch_size(batch_size)
-    score = jax.jit(lambda p, b: runtime.model.score_batch(runtime.net.merge(p), b))
+    score = jax.jit(
+        lambda p, b: runtime.model.score_batch(runtime.net.merge(p), b),
+        out_shardings=NamedSharding(partitioner.mesh, PartitionSpec()),
+    )
 
     def predict_fn(ds, model_feature_shapes=None):
         del model_feature_shapes
         out = []
-        for index, features, n in _batched(ds, batch_size):
-            tokens = infer.predict(runtime, params, partitioner.make_global_batch(features), decode)
+        for i, (index, features, n) in enumerate(_batched(ds, batch_size)):
+            tokens = infer.predict(runtime, params, partitioner.make_global_batch(features), decode,
+                                   batch_index=i)
             out.extend((int(i), tokens[j].tolist()) for j, i in enumerate(index[:n]))
         return out
 
@@ -78,6 +78,7 @@ def evaluate(
     partitioning_rules: str = "dp",
 ) -> dict[str, dict[str, float]]:
     """Computes every metric the task defines; writes `output_dir/eval_metrics.json`."""
+    infer.single_host_only("--run_mode=eval")
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
     params = runtime.restore_params(checkpoint_path)
     evaluator = seqio.Evaluator(

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 import seqio
+from jax.sharding import NamedSharding, PartitionSpec
 
 from partitioning import mesh as mesh_lib
 from t5x_like import input_pipeline
@@ -47,15 +48,30 @@ def _jitted_predict(runtime: Runtime, cfg: DecodeConfig):
             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         )
 
-    return jax.jit(predict)
+    replicated = NamedSharding(runtime.partitioner.mesh, PartitionSpec())
+    return jax.jit(predict, out_shardings=replicated)
 
 
-def predict(runtime: Runtime, params: Any, batch, cfg: DecodeConfig = DecodeConfig()) -> np.ndarray:
-    """Decoded tokens [B, L] for a global batch (host numpy)."""
+def predict(
+    runtime: Runtime, params: Any, batch, cfg: DecodeConfig = DecodeConfig(), batch_index: int = 0
+) -> np.ndarray:
+    """Decoded tokens [B, L] for a global batch (host numpy).
+
+    Batch `i` samples with `fold_in(key(seed), i)`, so batches do not share random streams.
+    """
     fn = _jitted_predict(runtime, cfg)
+    rng = jax.random.fold_in(jax.random.key(cfg.seed), batch_index)
     with runtime.partitioner.activate():
-        tokens = fn(params, batch, jax.random.key(cfg.seed))
+        tokens = fn(params, batch, rng)
     return np.asarray(jax.device_get(tokens))
+
+
+def single_host_only(what: str) -> None:
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"{what} runs on one host for now (process_count={jax.process_count()}); "
+            "run it on a single host with the same mesh shape"
+        )
 
 
 def infer(
@@ -70,6 +86,7 @@ def infer(
     max_batches: int | None = None,
 ) -> pathlib.Path:
     """Writes `output_dir/<task>-<split>.jsonl`: one {input, prediction, target} per example."""
+    single_host_only("--run_mode=infer")
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
     params = runtime.restore_params(checkpoint_path)
     cfg = dataclasses.replace(dataset_cfg, use_packing=False, shuffle=False)
@@ -80,8 +97,8 @@ def infer(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     with open(out_path, "w", encoding="utf-8") as f:
-        for batch, num_real in batches:
-            tokens = predict(runtime, params, batch, decode)
+        for index, (batch, num_real) in enumerate(batches):
+            tokens = predict(runtime, params, batch, decode, batch_index=index)
             host = jax.device_get(batch)
             for i in range(num_real):
                 record = {

@@ -98,7 +98,7 @@ class TrainIterator:
         return {"position": self.position, "batch_size": self.cfg.batch_size}
 
 
-def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """Zero rows appended up to `rows` (zero tokens carry zero loss weight)."""
     return {
         k: np.concatenate([v, np.zeros((rows - len(v), *v.shape[1:]), v.dtype)]) if len(v) < rows
@@ -125,7 +125,7 @@ def eval_batches(
     rows = partitioner.host_batch_size(cfg.batch_size)
     batches = []
     for b in ds.as_numpy_iterator():
-        host = _pad_rows({k: np.asarray(v, np.int32) for k, v in b.items()}, rows)
+        host = pad_rows({k: np.asarray(v, np.int32) for k, v in b.items()}, rows)
         batches.append((partitioner.make_global_batch(host), len(next(iter(b.values())))))
     if not batches:
         raise ValueError(

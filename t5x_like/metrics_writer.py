@@ -38,16 +38,16 @@ class MetricsWriter:
         self._first_step: int | None = None
         self._tb = None
         self._jsonl = None
+        model_dir = pathlib.Path(model_dir)
+        self.jsonl_path = model_dir / "metrics.jsonl"
         if not self.enabled:
             return
-        model_dir = pathlib.Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = model_dir / "metrics.jsonl"
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard:
-            from tensorboardX import SummaryWriter  # imported lazily: optional sink.
+            from tensorboardX import SummaryWriter  # imported lazily: slow import
 
             self._tb = SummaryWriter(str(model_dir / "tensorboard"))
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")  # noqa: SIM115 (close())
 
     def write(self, step: int, metrics: Mapping[str, object], prefix: str = "train") -> None:
         if not self.enabled:

@@ -138,7 +138,9 @@ class EncoderDecoderModel:
         }
 
     def metrics_from_sums(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        """Loss / accuracy / z-loss per token from summed terms."""
+        """Loss terms from summed ones: `loss` and `z_loss` are divided by the loss
+        normalising factor (per token for 'NUM_REAL_TARGET_TOKENS'); `cross_entropy` and
+        `accuracy` are always per real target token."""
         denom = self.loss.denominator(sums["num_tokens"])
         tokens = jnp.maximum(sums["num_tokens"], 1.0)
         return {

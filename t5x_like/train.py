@@ -7,6 +7,7 @@ own cadence, so the loop itself stays a handful of lines.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -17,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from partitioning import mesh as mesh_lib
 from t5x_like import checkpoints, input_pipeline
@@ -80,6 +82,9 @@ class LogHook(Hook):
 
     def set_tokens_per_step(self, n: int) -> None:
         self._tokens_per_step = n
+
+    def restart_clock(self) -> None:
+        self._last_time = time.perf_counter()
 
 
 class CheckpointHook(Hook):
@@ -165,6 +170,26 @@ class _Preemption:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    def stop_now(self) -> bool:
+        """Whether to stop after this step; on several hosts, all agree (any host's signal
+        stops every host at the same step, or the others would hang in the next collective)."""
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.int32(self.requested))
+        return bool(np.max(flags))
+
+
+def _warn_about_data_position(cfg: input_pipeline.DatasetConfig, data_state: dict) -> None:
+    saved_batch = data_state.get("batch_size", cfg.batch_size)
+    if saved_batch != cfg.batch_size:
+        logging.warning(
+            "batch size changed since the checkpoint (%d -> %d): resuming skips %d batches of "
+            "the new size, so the examples seen will not line up with the earlier run",
+            saved_batch, cfg.batch_size, data_state.get("position", 0))
+    if cfg.seed is None:
+        logging.warning("train_dataset_cfg.seed is None: the data order is not reproducible and "
+                        "a resumed run will not see the batches the interrupted one would have")
+
 
 def _restore_or_init(
     checkpointer: checkpoints.Checkpointer, runtime: Runtime, trainer: Trainer, seed: int
@@ -208,82 +233,86 @@ def train(
     schedule: the way tests simulate an interrupted run.
     Returns the final TrainState.
     """
-    # 1. Runtime: mesh, partitioner, abstract network; then the jitted steps.
-    runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
-    runtime.partitioner.check_batch_size(train_dataset_cfg.batch_size)
-    trainer = Trainer(runtime, optimizer, num_microbatches=num_microbatches, seed=seed)
-    model_dir_path = pathlib.Path(model_dir)
-    model_dir_path.mkdir(parents=True, exist_ok=True)
-    runtime.write_model_info(model_dir_path)
-
-    # 2. State: resume from the latest complete checkpoint, or initialise sharded.
-    checkpointer = checkpoints.Checkpointer(
-        model_dir_path / "checkpoints",
-        save_interval_steps=checkpoint_every,
-        max_to_keep=keep_checkpoints,
-        async_save=async_checkpointing,
-    )
-    state, data_state = _restore_or_init(checkpointer, runtime, trainer, seed)
-    start_step = int(jax.device_get(state.step))
-    saved_batch = data_state.get("batch_size", train_dataset_cfg.batch_size)
-    if saved_batch != train_dataset_cfg.batch_size:
-        logging.warning(
-            "batch size changed since the checkpoint (%d -> %d): resuming skips %d batches of "
-            "the new size, so the examples seen will not line up with the earlier run",
-            saved_batch, train_dataset_cfg.batch_size, data_state.get("position", 0))
-    if train_dataset_cfg.seed is None:
-        logging.warning("train_dataset_cfg.seed is None: the data order is not reproducible and "
-                        "a resumed run will not see the batches the interrupted one would have")
-
-    # 3. Data, positioned where the checkpoint left off.
-    data = input_pipeline.TrainIterator(
-        train_dataset_cfg,
-        model.feature_converter(train_dataset_cfg.use_packing),
-        runtime.partitioner,
-        start_position=int(data_state.get("position", 0)),
-    )
-
-    # 4. Hooks.
-    writer = MetricsWriter(model_dir_path, total_steps=total_steps)
-    log_hook = LogHook(log_every)
-    lengths = model.model_feature_lengths(train_dataset_cfg.task_feature_lengths)
-    log_hook.set_tokens_per_step(
-        train_dataset_cfg.batch_size
-        * (lengths.get("encoder_input_tokens", 0) + lengths.get("decoder_target_tokens", 0))
-    )
-    hooks: list[Hook] = [log_hook, CheckpointHook()]
+    # 0. Configuration checks that need nothing built, so a bad config fails in seconds.
     if (eval_every or sample_every) and eval_dataset_cfg is None:
         raise ValueError(
             f"eval_every={eval_every} / sample_every={sample_every} need eval_dataset_cfg; "
             "bind train.eval_dataset_cfg or set both to 0"
         )
-    if eval_every:
-        hooks.append(EvalHook(eval_every, eval_dataset_cfg, eval_batches))
-    if sample_every:
-        hooks.append(SampleHook(sample_every, eval_dataset_cfg, num_samples))
-    hooks.extend(extra_hooks)
-    ctx = LoopContext(runtime, trainer, writer, checkpointer, data, model_dir_path, total_steps,
-                      state)
-    if on_ready is not None:
-        on_ready(ctx)
+    if sample_every and jax.process_count() > 1:
+        raise NotImplementedError("sample_every > 0 is single-host for now; set it to 0")
 
-    # 5. The loop.
-    last = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
-    with _Preemption() as preemption:
-        for step in range(start_step + 1, last + 1):
-            ctx.state, metrics = trainer.run_train_step(ctx.state, next(data))
-            for hook in hooks:
-                if hook.due(step, ctx):
-                    hook(step, metrics, ctx)
-            if preemption.requested:
-                break
-    # Stopped early (preemption, stop_after_steps): make sure the last step is saved.
-    final = int(jax.device_get(ctx.state.step))
-    if final > start_step and not checkpointer.has_step(final):
-        checkpointer.save(final, ctx.state, data.state())
+    # 1. Runtime: mesh, partitioner, abstract network; then the jitted steps.
+    runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
+    runtime.partitioner.check_batch_size(train_dataset_cfg.batch_size)
+    if eval_dataset_cfg is not None and (eval_every or sample_every):
+        runtime.partitioner.check_batch_size(eval_dataset_cfg.batch_size)
+    trainer = Trainer(runtime, optimizer, num_microbatches=num_microbatches, seed=seed)
+    model_dir_path = pathlib.Path(model_dir)
+    model_dir_path.mkdir(parents=True, exist_ok=True)
+    runtime.write_model_info(model_dir_path)
 
-    # 6. Flush.
-    checkpointer.close()
-    writer.close()
+    with contextlib.ExitStack() as cleanup:  # closes writers / checkpointer on any exit
+        # 2. State: resume from the latest complete checkpoint, or initialise sharded.
+        checkpointer = checkpoints.Checkpointer(
+            model_dir_path / "checkpoints",
+            save_interval_steps=checkpoint_every,
+            max_to_keep=keep_checkpoints,
+            async_save=async_checkpointing,
+        )
+        cleanup.callback(checkpointer.close)  # waits for pending async saves
+        state, data_state = _restore_or_init(checkpointer, runtime, trainer, seed)
+        start_step = int(jax.device_get(state.step))
+        _warn_about_data_position(train_dataset_cfg, data_state)
+
+        # 3. Data, positioned where the checkpoint left off.
+        data = input_pipeline.TrainIterator(
+            train_dataset_cfg,
+            model.feature_converter(train_dataset_cfg.use_packing),
+            runtime.partitioner,
+            start_position=int(data_state.get("position", 0)),
+        )
+
+        # 4. Hooks.
+        writer = MetricsWriter(model_dir_path, total_steps=total_steps)
+        cleanup.callback(writer.close)
+        log_hook = LogHook(log_every)
+        lengths = model.model_feature_lengths(train_dataset_cfg.task_feature_lengths)
+        log_hook.set_tokens_per_step(
+            train_dataset_cfg.batch_size
+            * (lengths.get("encoder_input_tokens", 0) + lengths.get("decoder_target_tokens", 0))
+        )
+        hooks: list[Hook] = [CheckpointHook()]
+        if eval_every:
+            hooks.append(EvalHook(eval_every, eval_dataset_cfg, eval_batches))
+        if sample_every:
+            hooks.append(SampleHook(sample_every, eval_dataset_cfg, num_samples))
+        hooks.extend(extra_hooks)
+        ctx = LoopContext(runtime, trainer, writer, checkpointer, data, model_dir_path,
+                          total_steps, state)
+        if on_ready is not None:
+            on_ready(ctx)
+
+        # 5. The loop.
+        last = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+        with _Preemption() as preemption:
+            for step in range(start_step + 1, last + 1):
+                ctx.state, metrics = trainer.run_train_step(ctx.state, next(data))
+                if log_hook.due(step, ctx):
+                    log_hook(step, metrics, ctx)
+                ran_other = False
+                for hook in hooks:
+                    if hook.due(step, ctx):
+                        hook(step, metrics, ctx)
+                        ran_other = True
+                if ran_other:  # eval / save time is not training time
+                    log_hook.restart_clock()
+                if preemption.stop_now():
+                    break
+        # Stopped early (preemption, stop_after_steps): make sure the last step is saved.
+        final = int(jax.device_get(ctx.state.step))
+        if final > start_step and not checkpointer.has_step(final):
+            checkpointer.save(final, ctx.state, data.state())
+        # 6. Flush: the ExitStack waits for async saves and closes the writers.
     return ctx.state
 
