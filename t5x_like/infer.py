@@ -90,7 +90,7 @@ def infer(
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
     params = runtime.restore_params(checkpoint_path)
     cfg = dataclasses.replace(dataset_cfg, use_packing=False, shuffle=False)
-    batches = input_pipeline.eval_batches(
+    batches = input_pipeline.iter_eval_batches(
         cfg, model.feature_converter(pack=False), runtime.partitioner, num_batches=max_batches
     )
     out_path = pathlib.Path(output_dir) / f"{cfg.mixture_or_task_name}-{cfg.split}.jsonl"

@@ -107,6 +107,35 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
     }
 
 
+def iter_eval_batches(
+    cfg: DatasetConfig,
+    feature_converter: seqio.FeatureConverter,
+    partitioner: Partitioner,
+    *,
+    num_batches: int | None,
+) -> Iterator[tuple[dict[str, jax.Array], int]]:
+    """Up to `num_batches` global batches of one pass over an eval split, one at a time.
+
+    Every example is kept: the last, partial batch is padded with zero rows. Yields
+    (batch, number of real rows on this host) pairs; only one batch is on the devices at
+    a time, so a whole split can be decoded.
+    """
+    ds = build_dataset(cfg, feature_converter, partitioner, repeat=False, drop_remainder=False)
+    if num_batches is not None:
+        ds = ds.take(num_batches)
+    rows = partitioner.host_batch_size(cfg.batch_size)
+    produced = False
+    for b in ds.as_numpy_iterator():
+        produced = True
+        host = pad_rows({k: np.asarray(v, np.int32) for k, v in b.items()}, rows)
+        yield partitioner.make_global_batch(host), len(next(iter(b.values())))
+    if not produced:
+        raise ValueError(
+            f"evaluation on {cfg.mixture_or_task_name!r} split {cfg.split!r} produced no "
+            "batch; check the split has examples"
+        )
+
+
 def eval_batches(
     cfg: DatasetConfig,
     feature_converter: seqio.FeatureConverter,
@@ -114,22 +143,5 @@ def eval_batches(
     *,
     num_batches: int | None,
 ) -> list[tuple[dict[str, jax.Array], int]]:
-    """Up to `num_batches` global batches of one pass over an eval split.
-
-    Every example is kept: the last, partial batch is padded with zero rows. Returns
-    (batch, number of real rows on this host) pairs.
-    """
-    ds = build_dataset(cfg, feature_converter, partitioner, repeat=False, drop_remainder=False)
-    if num_batches is not None:
-        ds = ds.take(num_batches)
-    rows = partitioner.host_batch_size(cfg.batch_size)
-    batches = []
-    for b in ds.as_numpy_iterator():
-        host = pad_rows({k: np.asarray(v, np.int32) for k, v in b.items()}, rows)
-        batches.append((partitioner.make_global_batch(host), len(next(iter(b.values())))))
-    if not batches:
-        raise ValueError(
-            f"evaluation on {cfg.mixture_or_task_name!r} split {cfg.split!r} produced no "
-            "batch; check the split has examples"
-        )
-    return batches
+    """`iter_eval_batches` as a list: a fixed set reused at every evaluation."""
+    return list(iter_eval_batches(cfg, feature_converter, partitioner, num_batches=num_batches))

@@ -22,7 +22,7 @@ from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning.partitioner import Partitioner
 from t5x_like import checkpoints
-from t5x_like.trainer import NetworkDef, network_def
+from t5x_like.trainer import NetworkDef, network_def, with_shardings
 
 PyTree = Any
 
@@ -55,11 +55,7 @@ class Runtime:
 
     def abstract_params(self) -> PyTree:
         """Parameter ShapeDtypeStructs with their target shardings."""
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            self.net.abstract_params(),
-            self.param_shardings,
-        )
+        return with_shardings(self.net.abstract_params(), self.param_shardings)
 
     def restore_params(self, checkpoint_path: str | os.PathLike[str]) -> PyTree:
         """Parameters of a checkpoint, read straight into this mesh's shardings."""

@@ -52,6 +52,13 @@ class NetworkDef:
         return nnx.to_pure_dict(self.abstract_state)
 
 
+def with_shardings(shapes: PyTree, shardings: PyTree) -> PyTree:
+    """ShapeDtypeStructs of `shapes` carrying `shardings`: a restore target on any mesh."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
 def network_def(create_fn: Callable[[], nnx.Module]) -> NetworkDef:
     """Traces `create_fn` abstractly (no weights allocated) into a NetworkDef."""
     abstract = nnx.eval_shape(create_fn)
@@ -128,11 +135,7 @@ class Trainer:
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs carrying the target shardings (what restore fills)."""
         shapes = jax.eval_shape(self._init_from_params, self.net.abstract_params())
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            shapes,
-            self.state_shardings,
-        )
+        return with_shardings(shapes, self.state_shardings)
 
     def _init_from_params(self, params: PyTree) -> TrainState:
         return TrainState(
