@@ -18,3 +18,15 @@ try:  # seqio/tf.data must never grab an accelerator or many threads in tests.
     tf.config.set_visible_devices([], "GPU")
 except Exception:  # pragma: no cover - tensorflow is a hard dependency, but be gentle.
     pass
+
+
+import gin  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def clean_gin():
+    """An empty gin config before and after the test (gin's registry is process-global)."""
+    gin.clear_config(clear_constants=True)
+    yield
+    gin.clear_config(clear_constants=True)

@@ -24,11 +24,7 @@ REQUIRED = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config(clear_constants=True)
-    yield
-    gin.clear_config(clear_constants=True)
+pytestmark = pytest.mark.usefixtures("clean_gin")  # see conftest.py
 
 
 def _build(macro):

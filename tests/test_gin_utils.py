@@ -5,12 +5,7 @@ import pytest
 
 from t5x_like import gin_utils
 
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-    gin.clear_config(clear_constants=True)
-    yield
-    gin.clear_config(clear_constants=True)
+pytestmark = pytest.mark.usefixtures("clean_gin")  # see conftest.py
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,6 @@ import json
 import math
 import pathlib
 
-import gin
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "colab" / "quickstart.ipynb"
 
@@ -45,13 +42,6 @@ def test_notebook_is_nbformat_4_without_outputs():
         if cell["cell_type"] == "code":  # shipped clean: no stale outputs
             assert cell["outputs"] == [] and cell["execution_count"] is None
     compile(notebook_code(nb), str(NOTEBOOK), "exec")
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config(clear_constants=True)
-    yield
-    gin.clear_config(clear_constants=True)
 
 
 def test_notebook_runs_trains_shards_and_decodes(clean_gin):

@@ -7,9 +7,6 @@ import subprocess
 import sys
 import time
 
-import gin
-import pytest
-
 from t5x_like import checkpoints, main
 from t5x_like.metrics_writer import read_metrics
 
@@ -62,13 +59,6 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     steps = checkpoints.Checkpointer(tmp_path / "checkpoints").all_steps()
     assert steps[-1] == last_logged  # saved where it stopped, not only at the cadence
     assert last_logged < 100_000
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config(clear_constants=True)
-    yield
-    gin.clear_config(clear_constants=True)
 
 
 def test_sigkill_mid_run_resumes_from_last_complete_checkpoint(tmp_path, clean_gin):

@@ -109,13 +109,6 @@ def test_corrupt_latest_checkpoint_stops_resume_with_clear_error(uninterrupted, 
     assert (tmp_path / "checkpoints" / "6").is_dir() and (tmp_path / "checkpoints" / "3").is_dir()
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config(clear_constants=True)
-    yield
-    gin.clear_config(clear_constants=True)
-
-
 def test_cli_names_a_missing_required_macro(clean_gin):
     with pytest.raises(ValueError, match=r"required gin macro\(s\) not set: MODEL_DIR"):
         main.main(["--gin_file=experiments/quickstart.gin"])
