@@ -71,6 +71,20 @@ def _constrain(x: Array, names: Axes) -> Array:
     return rules.with_logical_constraint(x, names)
 
 
+def dropout_rngs(rngs: nnx.Rngs | Array | None, deterministic: bool,
+                 dropout_rate: float) -> nnx.Rngs | None:
+    """A network's call-time `rngs` argument as `nnx.Rngs` (a bare key is the dropout
+    stream); an error if dropout is on (`deterministic=False`, rate > 0) without one."""
+    if isinstance(rngs, jax.Array):
+        rngs = nnx.Rngs(dropout=rngs)
+    if not deterministic and dropout_rate > 0 and rngs is None:
+        raise ValueError(
+            f"deterministic=False with dropout_rate={dropout_rate} needs "
+            "rngs=nnx.Rngs(dropout=key)"
+        )
+    return rngs
+
+
 # --- activations ----------------------------------------------------------------------
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -199,12 +213,14 @@ class Embed(nnx.Module):
         dtype: DType = jnp.float32,
         attend_dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
+        axes: Axes = ("vocab", "embed"),
         rngs: nnx.Rngs,
     ):
         self.num_embeddings = num_embeddings
         self.features = features
+        # `axes`: e.g. ('length', 'embed') for a learned position table.
         self.embedding = nnx.Param(
-            partitioned(embedding_init, ("vocab", "embed"))(
+            partitioned(embedding_init, axes)(
                 rngs.params(), (num_embeddings, features), param_dtype
             )
         )
@@ -334,6 +350,50 @@ def relative_position_bucket(
     return ret + jnp.where(is_small, n, val_if_large)
 
 
+@struct.dataclass
+class Rope:
+    """Rotary position embedding (RoPE) tables for one call: cos, sin [B|1, T, 1, H/2].
+
+    Llama's / Hugging Face's convention ("rotate_half"): the head dim is split into two
+    halves (x1, x2) that rotate as pairs (x1[i], x2[i]) by angle position * theta^(-2i/H).
+    Built once per forward pass (`Rope.at`) and shared by every layer; the rotation runs
+    in float32 whatever the activation dtype.
+    """
+
+    cos: Array
+    sin: Array
+
+    @classmethod
+    def at(cls, positions: Array, head_dim: int, theta: float = 10000.0) -> Rope:
+        """Tables for integer `positions` [T] (shared by the batch) or [B, T]."""
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        exponents = np.arange(0, head_dim, 2, dtype=np.float32) / head_dim
+        inv_freq = jnp.asarray(1.0 / (theta**exponents), jnp.float32)  # [H/2]
+        angles = jnp.asarray(positions, jnp.int32).astype(jnp.float32)[..., None] * inv_freq
+        angles = angles.reshape(-1 if angles.ndim == 3 else 1, *angles.shape[-2:])
+        angles = angles[:, :, None, :]  # [B|1, T, H/2] -> [B|1, T, 1, H/2]
+        return cls(cos=jnp.cos(angles), sin=jnp.sin(angles))
+
+    def __call__(self, x: Array) -> Array:
+        """Rotates x [B, T, N, H] (queries or keys) -> same shape and dtype."""
+        half = x.shape[-1] // 2
+        x32 = x.astype(jnp.float32)
+        x1, x2 = x32[..., :half], x32[..., half:]
+        out = jnp.concatenate(
+            [x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], axis=-1)
+        return out.astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, theta: float = 10000.0) -> Array:
+    """RoPE of x [B, T, N, H] at integer positions [B, T] (or [T]) -> same shape and dtype.
+
+    Equal to Hugging Face Llama's `apply_rotary_pos_emb`: x * cos + rotate_half(x) * sin
+    with cos / sin of the angles repeated over both halves of the head dim.
+    """
+    return Rope.at(positions, x.shape[-1], theta)(x)
+
+
 class RelativePositionBiases(nnx.Module):
     """T5 relative position attention bias: one learned scalar per (head, bucket).
 
@@ -414,6 +474,20 @@ def make_cache_mask(index: Array, query_length: int, cache_length: int) -> Array
     query_slots = index[:, None] + jnp.arange(query_length, dtype=jnp.int32)  # [B, T]
     key_slots = jnp.arange(cache_length, dtype=jnp.int32)[None, :]  # [1, L]
     return (key_slots[:, None, :] <= query_slots[:, :, None])[:, None]  # [B, 1, T, L]
+
+
+def make_sliding_window_mask(query_index: Array, key_index: Array, window: int) -> Array:
+    """Local attention: bool [B|1, 1, T, S], true where |query - key| < window.
+
+    `query_index` [B, T] or [T] and `key_index` [B, S] or [S] are token indices in the
+    row (cache slots when decoding). Under a causal mask a query then sees the last
+    `window` tokens, itself included (Mistral's / Hugging Face's sliding window).
+    """
+    q = jnp.asarray(query_index, jnp.int32)
+    k = jnp.asarray(key_index, jnp.int32)
+    distance = q[..., :, None] - k[..., None, :]  # [(B,) T, S]
+    mask = jnp.abs(distance) < window
+    return mask.reshape(-1 if mask.ndim == 3 else 1, 1, *mask.shape[-2:])  # [B|1, 1, T, S]
 
 
 def combine_masks(*masks: Array | None) -> Array | None:
@@ -518,7 +592,11 @@ class MultiHeadAttention(nnx.Module):
     Params: query [D, N, H], key and value [Dkv, K, H], out [N, H, D].
     `scale_in_query_init=True` is T5's scheme: no 1/sqrt(H) on the logits, folded into
     the query kernel init instead (stddev (D*H)^-0.5 under the default init); otherwise
-    the logits are scaled by 1/sqrt(H) (GPT, Llama, BERT).
+    the logits are scaled by 1/sqrt(H) (GPT, Llama, BERT). `out_kernel_init` (default:
+    `kernel_init`) lets GPT-2 scale down the residual output projection.
+
+    `rope` (a `Rope`, self-attention only) rotates queries and keys right after their
+    projections, so a KV cache holds rotated keys (Llama).
     """
 
     def __init__(
@@ -534,6 +612,7 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = False,
         scale_in_query_init: bool = False,
         kernel_init: Initializer = default_attention_kernel_init,
+        out_kernel_init: Initializer | None = None,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -567,13 +646,20 @@ class MultiHeadAttention(nnx.Module):
         self.value = dense(kv_features, (num_kv_heads, head_dim), kernel_init=kernel_init,
                            kernel_axes=("embed", kv_heads_axis, "kv"))
         self.out = dense((num_heads, head_dim), out_features or in_features, axis=(-2, -1),
-                         kernel_init=kernel_init, kernel_axes=("heads", "kv", "embed"))
+                         kernel_init=out_kernel_init or kernel_init,
+                         kernel_axes=("heads", "kv", "embed"))
         # Broadcast over queries (dim -2 of [B, K, G, T, S]) as T5X does.
         self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(-2,))
 
-    def project_kv(self, inputs_kv: Array) -> KVCache:
-        """[B, S, Dkv] -> keys and values [B, S, K, H] (e.g. cross-attention, once)."""
-        k = _constrain(self.key(inputs_kv), self.kv_axes)
+    def project_kv(self, inputs_kv: Array, *, rope: Rope | None = None) -> KVCache:
+        """[B, S, Dkv] -> keys and values [B, S, K, H] (e.g. cross-attention, once).
+
+        `rope`: rotates the keys at the positions of `inputs_kv`.
+        """
+        k = self.key(inputs_kv)
+        if rope is not None:
+            k = rope(k)
+        k = _constrain(k, self.kv_axes)
         v = _constrain(self.value(inputs_kv), self.kv_axes)
         return KVCache(k=k, v=v)
 
@@ -584,14 +670,19 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask: Array | None = None,
         bias: Array | None = None,
+        rope: Rope | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Array:
         """Queries from inputs_q [B, T, D] attend to given keys/values [B, S, K, H].
 
-        mask: bool [B|1, N|1, T, S]; bias: [B|1, N|1, T, S]. Returns [B, T, D].
+        mask: bool [B|1, N|1, T, S]; bias: [B|1, N|1, T, S]; rope: rotates the queries
+        at the positions of `inputs_q`. Returns [B, T, D].
         """
-        q = _constrain(self.query(inputs_q), ("batch", "length", "heads", "kv"))
+        q = self.query(inputs_q)
+        if rope is not None:
+            q = rope(q)
+        q = _constrain(q, ("batch", "length", "heads", "kv"))
         x = dot_product_attention(
             q,
             kv.k.astype(q.dtype),
@@ -611,12 +702,19 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask: Array | None = None,
         bias: Array | None = None,
+        rope: Rope | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Array:
-        """Self-attention (inputs_kv None) or cross-attention: [B, T, D] -> [B, T, D]."""
-        kv = self.project_kv(inputs_q if inputs_kv is None else inputs_kv)
-        return self.attend(inputs_q, kv, mask=mask, bias=bias,
+        """Self-attention (inputs_kv None) or cross-attention: [B, T, D] -> [B, T, D].
+
+        `rope` (self-attention only) rotates queries and keys at the same positions.
+        """
+        if rope is not None and inputs_kv is not None:
+            raise ValueError("rope applies to self-attention only (queries and keys share "
+                             "positions); pass inputs_kv=None")
+        kv = self.project_kv(inputs_q if inputs_kv is None else inputs_kv, rope=rope)
+        return self.attend(inputs_q, kv, mask=mask, bias=bias, rope=rope,
                            deterministic=deterministic, rngs=rngs)
 
     def cached_self_attention(
@@ -627,17 +725,19 @@ class MultiHeadAttention(nnx.Module):
         *,
         mask: Array | None = None,
         bias: Array | None = None,
+        rope: Rope | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[Array, KVCache]:
         """Writes the K/V of T new tokens [B, T, D] at index[b].. and attends over the cache.
 
         `mask` [B, 1, T, L] must hide slots after each query (see `make_cache_mask`).
-        Returns ([B, T, D], the updated cache).
+        `rope`: tables at the new tokens' positions (index[b] + t); the cache stores
+        rotated keys. Returns ([B, T, D], the updated cache).
         """
-        new = self.project_kv(inputs)
+        new = self.project_kv(inputs, rope=rope)
         cache = cache.write(new.k, new.v, index)
-        out = self.attend(inputs, cache, mask=mask, bias=bias,
+        out = self.attend(inputs, cache, mask=mask, bias=bias, rope=rope,
                           deterministic=deterministic, rngs=rngs)
         return out, cache
 
@@ -650,7 +750,8 @@ class MlpBlock(nnx.Module):
 
     ('relu',): relu(x Wi) Wo (T5 1.0, BERT-like); ('gelu', 'linear'): gated GELU of T5
     v1.1; ('silu', 'linear'): SwiGLU of Llama. Kernels: wi (or wi_0, wi_1, ...) [D, F],
-    wo [F, D]. Dropout acts on the hidden activations, broadcast over length as in T5X.
+    wo [F, D] (initialised with `out_kernel_init` if given, e.g. GPT-2's scaled init).
+    Dropout acts on the hidden activations, broadcast over length as in T5X.
     """
 
     def __init__(
@@ -663,6 +764,7 @@ class MlpBlock(nnx.Module):
         dropout_rate: float = 0.0,
         use_bias: bool = False,
         kernel_init: Initializer = default_kernel_init,
+        out_kernel_init: Initializer | None = None,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
@@ -680,7 +782,7 @@ class MlpBlock(nnx.Module):
             setattr(self, name, dense(in_features, hidden_features,
                                       kernel_axes=("embed", "mlp")))
         self.wo = dense(hidden_features, out_features or in_features,
-                        kernel_axes=("mlp", "embed"))
+                        kernel_axes=("mlp", "embed"), kernel_init=out_kernel_init or kernel_init)
         self.dropout = nnx.Dropout(dropout_rate, broadcast_dims=(-2,))
 
     @property

@@ -117,12 +117,8 @@ class Checkpointer:
         self._manager.close()
 
 
-def restore_params(path: str | os.PathLike[str], abstract_params: PyTree) -> PyTree:
-    """Reads only the parameters of a checkpoint step directory (for eval / infer).
-
-    `path` is a step directory (`MODEL_DIR/checkpoints/1000`) or a checkpoints directory
-    (its latest step is used).
-    """
+def _step_dir(path: str | os.PathLike[str]) -> pathlib.Path:
+    """A step directory from a step directory or a checkpoints directory (latest step)."""
     path = pathlib.Path(path).absolute()
     if not (path / "state").is_dir():
         # Only finished steps: orbax's in-progress `N.orbax-checkpoint-tmp-*` folders are skipped.
@@ -135,8 +131,31 @@ def restore_params(path: str | os.PathLike[str], abstract_params: PyTree) -> PyT
                 "or a checkpoints directory with numbered steps; set --gin.CHECKPOINT_PATH"
             )
         path = path / str(steps[-1])
+    return path
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def restore_params(
+    path: str | os.PathLike[str], abstract_params: PyTree, *, allow_missing: bool = False
+) -> PyTree:
+    """Reads only the parameters of a checkpoint step directory (for eval / infer).
+
+    `path` is a step directory (`MODEL_DIR/checkpoints/1000`) or a checkpoints directory
+    (its latest step is used). With `allow_missing` (fine-tuning from a pretrained
+    checkpoint), parameters of `abstract_params` (nested dicts) that the checkpoint lacks
+    (a new classifier head) are left out of the result, and checkpoint parameters the
+    target lacks (a pretraining head) are not read; a parameter present in both with
+    another shape is an error naming it.
+    """
+    path = _step_dir(path)
     logging.info("restoring parameters from %s", path)
     abstract = {"params": abstract_params}
+    missing: list[str] = []
+    if allow_missing:
+        abstract, missing = _intersect_with_checkpoint(path, abstract)
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype),
         abstract,
@@ -155,4 +174,41 @@ def restore_params(path: str | os.PathLike[str], abstract_params: PyTree) -> PyT
             f"checkpoint {path} cannot be restored ({type(err).__name__}: {str(err)[:300]}); "
             "point --gin.CHECKPOINT_PATH at another step directory"
         ) from err
+    if missing:
+        logging.info("not in the checkpoint (left to fresh initialisation): %s", missing)
     return restored["params"]
+
+
+def _intersect_with_checkpoint(path: pathlib.Path, abstract: PyTree) -> tuple[PyTree, list[str]]:
+    """`abstract` (nested dicts) without the leaves the checkpoint lacks, and their paths."""
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            meta = ckptr.metadata(path / "state")
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        saved = {_path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(
+            dict(meta), is_leaf=lambda x: hasattr(x, "shape"))[0]}
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path} has no readable metadata ({type(err).__name__}: "
+            f"{str(err)[:300]}); point the checkpoint path at another step directory"
+        ) from err
+    missing: list[str] = []
+
+    def prune(tree, prefix):
+        if not isinstance(tree, Mapping):
+            name = "/".join(prefix)
+            if name not in saved:
+                missing.append(name)
+                return None
+            shape = tuple(getattr(saved[name], "shape", tree.shape))
+            if shape != tuple(tree.shape):
+                raise CheckpointError(
+                    f"parameter {name} has shape {shape} in {path} but the network expects "
+                    f"{tuple(tree.shape)}; the model config must match the pretrained one"
+                )
+            return tree
+        kept = {k: prune(v, (*prefix, str(k))) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None}
+
+    return prune(abstract, ()), missing

@@ -180,6 +180,10 @@ class DecodeOutput:
     cache: PyTree
 
 
+def _as_f32(out: tuple[jax.Array, PyTree]) -> tuple[jax.Array, PyTree]:
+    return out[0].astype(jnp.float32), out[1]
+
+
 def _is_static_zero(x: float | jax.Array) -> bool:
     return not isinstance(x, jax.Array) and jnp.ndim(x) == 0 and float(x) == 0.0
 
@@ -228,6 +232,7 @@ def sample(
     eos_id: int = 1,
     prompt_tokens: jax.Array | None = None,
     logits_processor: LogitsProcessor | None = None,
+    initial_logits: jax.Array | None = None,
 ) -> DecodeOutput:
     """Decodes up to `max_decode_steps` tokens per sequence with temperature sampling.
 
@@ -251,12 +256,22 @@ def sample(
         summed log-probs.
       logits_processor: optional `(logits [B, V], SamplingState) -> logits [B, V]`
         applied to the raw logits before temperature (penalties, constraints).
+      initial_logits: optional [B, V] logits for step 0, e.g. those of the last prompt
+        position from a prefill pass (a prefix LM's prompt is attended bidirectionally,
+        so it cannot be fed token by token). Step 0 then makes no step_fn call and
+        `first_tokens` is unused; the cache must already hold the whole prompt.
 
     Returns:
       A `DecodeOutput`. The function is jit-able with `max_decode_steps`, `top_k`,
       `eos_id`, `step_fn` and `logits_processor` static (closed over).
     """
     _check_args(first_tokens, max_decode_steps, temperature, top_k, top_p, prompt_tokens)
+    if initial_logits is not None and (
+        initial_logits.ndim != 2 or initial_logits.shape[0] != first_tokens.shape[0]
+    ):
+        raise ValueError(
+            f"initial_logits must be [B={first_tokens.shape[0]}, V], got {initial_logits.shape}"
+        )
     batch = first_tokens.shape[0]
     num_steps, top_k = int(max_decode_steps), int(top_k)
     static_greedy = _is_static_zero(temperature)
@@ -277,7 +292,14 @@ def sample(
 
     def body_fn(state: SamplingState) -> SamplingState:
         rng, step_rng = jax.random.split(state.rng)
-        raw_logits, new_cache = step_fn(state.cur_tokens[:, None], state.cache)
+        if initial_logits is None:
+            raw_logits, new_cache = step_fn(state.cur_tokens[:, None], state.cache)
+        else:
+            raw_logits, new_cache = jax.lax.cond(
+                state.step == 0,
+                lambda: (initial_logits.astype(jnp.float32), state.cache),
+                lambda: _as_f32(step_fn(state.cur_tokens[:, None], state.cache)),
+            )
         raw_logits = raw_logits.astype(jnp.float32)  # [B, V]
         logits = raw_logits
         if logits_processor is not None:
@@ -364,6 +386,7 @@ def greedy(
     eos_id: int = 1,
     prompt_tokens: jax.Array | None = None,
     logits_processor: LogitsProcessor | None = None,
+    initial_logits: jax.Array | None = None,
 ) -> DecodeOutput:
     """Greedy (argmax) decoding: `sample` with temperature 0. See `sample`."""
     return sample(
@@ -376,4 +399,5 @@ def greedy(
         eos_id=eos_id,
         prompt_tokens=prompt_tokens,
         logits_processor=logits_processor,
+        initial_logits=initial_logits,
     )

@@ -29,6 +29,9 @@ class DecodeConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    # Decoder-only next-token tasks: continue the first `prompt_length` target tokens
+    # (0 = unconditional). Prefix-LM / seq2seq batches always prompt with their inputs.
+    prompt_length: int = 0
 
 
 def decode_text(vocab: seqio.Vocabulary, ids: Sequence[int] | np.ndarray) -> str:
@@ -43,9 +46,10 @@ def decode_text(vocab: seqio.Vocabulary, ids: Sequence[int] | np.ndarray) -> str
 def _jitted_predict(runtime: Runtime, cfg: DecodeConfig):
     def predict(params, batch, rng):
         network = runtime.net.merge(params)
+        extra = {"prompt_length": cfg.prompt_length} if cfg.prompt_length else {}
         return runtime.model.predict_batch(
             network, batch, rng=rng, max_decode_length=cfg.max_decode_length,
-            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **extra,
         )
 
     replicated = NamedSharding(runtime.partitioner.mesh, PartitionSpec())
@@ -101,11 +105,11 @@ def infer(
             tokens = predict(runtime, params, batch, decode, batch_index=index)
             host = jax.device_get(batch)
             for i in range(num_real):
+                inputs, targets = model.example_text_ids(host, i)
                 record = {
-                    "input": decode_text(model.input_vocabulary, host["encoder_input_tokens"][i]),
-                    "prediction": decode_text(model.output_vocabulary, tokens[i]),
-                    "target": decode_text(model.output_vocabulary,
-                                          host["decoder_target_tokens"][i]),
+                    "input": decode_text(model.input_vocabulary, inputs),
+                    "prediction": model.prediction_text(tokens[i]),
+                    "target": decode_text(model.output_vocabulary, targets),
                 }
                 f.write(json.dumps(record) + "\n")
                 count += 1

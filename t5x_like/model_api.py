@@ -5,6 +5,14 @@ need around it: the feature converter, the loss, scoring and decoding. Model met
 take the network (an NNX module) as their first argument, so the trainer can merge
 parameters into it inside a jitted function and a frozen second network (reference,
 teacher, drafter) can be passed the same way.
+
+  EncoderDecoderModel          T5: span corruption / seq2seq (seqio EncDec features)
+  DecoderOnlyModel             GPT / Llama: next token, prefix LM (seqio LM / PrefixLM)
+  EncoderOnlyModel             BERT masked LM (MaskedLMFeatureConverter)
+  SequenceClassificationModel  BERT + classifier head (ClassificationFeatureConverter)
+
+All share `BaseModel`: the same loss sums, metrics and interface, so the trainer, the
+eval and infer runs and every hook work with any of them.
 """
 
 from __future__ import annotations
@@ -15,10 +23,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import seqio
 from flax import nnx
 
-from models import encoder_decoder
+from models import decoder_only, encoder_decoder, encoder_only
 from t5x_like import decoding, losses
 
 Batch = Mapping[str, jax.Array]
@@ -59,24 +68,46 @@ class LossConfig:
         return jnp.asarray(lnf, jnp.float32)
 
 
-class EncoderDecoderModel:
-    """T5-style encoder-decoder: loss, score and predict around `models.EncoderDecoder`."""
+def _token_accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """1.0 where the target has the largest logit (exact ties count as correct).
 
-    FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter] = seqio.EncDecFeatureConverter
+    No argmax: XLA's CPU backend does not vectorise it (5-6% of the quickstart step).
+    """
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+
+
+def _check_vocab(config, vocabulary: seqio.Vocabulary, what: str = "NUM_EMBEDDINGS") -> None:
+    if vocabulary.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"vocabulary has {vocabulary.vocab_size} ids but the network embeds only "
+            f"{config.vocab_size}; set {what} >= {vocabulary.vocab_size}"
+        )
+
+
+class BaseModel:
+    """What every family shares: feature converter plumbing, loss sums and metrics.
+
+    A subclass names its network class, its feature converter and its target / weight
+    features, and implements `_logits`; `loss_sums`, `metrics_from_sums` and
+    `score_batch` then work unchanged (sums over the weighted targets, so microbatches
+    add up exactly and the trainer normalises once per global batch).
+    """
+
+    NETWORK_CLS: type[nnx.Module]
+    FEATURE_CONVERTER_CLS: type[seqio.FeatureConverter]
+    TARGET_FEATURE: str
+    WEIGHT_FEATURE: str
 
     def __init__(
         self,
-        config: encoder_decoder.T5Config,
+        config,
         vocabulary: seqio.Vocabulary,
         *,
         loss: LossConfig = LossConfig(),
         input_vocabulary: seqio.Vocabulary | None = None,
     ):
-        if vocabulary.vocab_size > config.vocab_size:
-            raise ValueError(
-                f"vocabulary has {vocabulary.vocab_size} ids but the network embeds only "
-                f"{config.vocab_size}; set NUM_EMBEDDINGS >= {vocabulary.vocab_size}"
-            )
+        _check_vocab(config, vocabulary)
         self.config = config
         self.output_vocabulary = vocabulary
         self.input_vocabulary = input_vocabulary or vocabulary
@@ -84,30 +115,33 @@ class EncoderDecoderModel:
 
     # --- building ---------------------------------------------------------------------
 
-    def make_network(self, rngs: nnx.Rngs) -> encoder_decoder.EncoderDecoder:
+    def make_network(self, rngs: nnx.Rngs) -> nnx.Module:
         """A freshly initialised network."""
-        return encoder_decoder.EncoderDecoder(self.config, rngs=rngs)
+        return self.NETWORK_CLS(self.config, rngs=rngs)
 
     def feature_converter(self, pack: bool = True) -> seqio.FeatureConverter:
         return self.FEATURE_CONVERTER_CLS(pack=pack)
 
     def model_feature_lengths(self, task_feature_lengths: Mapping[str, int]) -> dict[str, int]:
-        return dict(self.FEATURE_CONVERTER_CLS(pack=False).get_model_feature_lengths(
+        return dict(self.feature_converter(pack=False).get_model_feature_lengths(
             task_feature_lengths))
+
+    def tokens_per_example(self, task_feature_lengths: Mapping[str, int]) -> int:
+        """Token positions the network processes per example (throughput accounting)."""
+        lengths = self.model_feature_lengths(task_feature_lengths)
+        return sum(v for k, v in lengths.items() if k.endswith("input_tokens"))
 
     # --- training ---------------------------------------------------------------------
 
     def _logits(self, network, batch: Batch, *, deterministic: bool, rngs=None) -> jax.Array:
-        return network(
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            encoder_segment_ids=batch.get("encoder_segment_ids"),
-            decoder_segment_ids=batch.get("decoder_segment_ids"),
-            encoder_positions=batch.get("encoder_positions"),
-            decoder_positions=batch.get("decoder_positions"),
-            deterministic=deterministic,
-            rngs=rngs,
-        )
+        raise NotImplementedError
+
+    def _targets_and_weights(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        targets = batch[self.TARGET_FEATURE]
+        weights = batch.get(self.WEIGHT_FEATURE)
+        if weights is None:
+            weights = targets > 0
+        return targets, weights.astype(jnp.float32)
 
     def loss_sums(
         self, network, batch: Batch, *, rngs: nnx.Rngs | None = None, deterministic: bool = False
@@ -118,22 +152,14 @@ class EncoderDecoderModel:
         trainer divides by `LossConfig.denominator` of the global token count.
         """
         logits = self._logits(network, batch, deterministic=deterministic, rngs=rngs)
-        targets = batch["decoder_target_tokens"]
-        weights = batch.get("decoder_loss_weights")
-        if weights is None:
-            weights = (targets > 0).astype(jnp.float32)
-        weights = weights.astype(jnp.float32)
+        targets, weights = self._targets_and_weights(batch)
         token_loss, token_z = losses.cross_entropy_with_z_loss(
             logits, targets, z_loss=self.loss.z_loss, label_smoothing=self.loss.label_smoothing
         )
-        # "The target has the largest logit", without argmax: XLA's CPU backend does not
-        # vectorise argmax (5-6% of the quickstart step). Exact ties count as correct.
-        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
         return {
             "loss_sum": jnp.sum(token_loss * weights),
             "z_loss_sum": jnp.sum(token_z * weights),
-            "correct_sum": jnp.sum(correct * weights),
+            "correct_sum": jnp.sum(_token_accuracy(logits, targets) * weights),
             "num_tokens": jnp.sum(weights),
         }
 
@@ -156,11 +182,59 @@ class EncoderDecoderModel:
     def score_batch(self, network, batch: Batch) -> jax.Array:
         """Log-likelihood of each example's targets: [B] (sum over its weighted tokens)."""
         logits = self._logits(network, batch, deterministic=True).astype(jnp.float32)
-        targets = batch["decoder_target_tokens"]
-        weights = batch.get("decoder_loss_weights", (targets > 0)).astype(jnp.float32)
+        targets, weights = self._targets_and_weights(batch)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(token_ll * weights, axis=-1)
+        return jnp.sum((token_ll * weights).reshape(token_ll.shape[0], -1), axis=-1)
+
+    # --- what a prediction shows ------------------------------------------------------
+
+    def example_text_ids(self, batch: Mapping[str, np.ndarray], i: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(input ids, target ids) of row `i` of a host batch, for samples and infer."""
+        raise NotImplementedError
+
+    def prediction_text(self, prediction: np.ndarray) -> str:
+        """One row of `predict_batch`'s output as text."""
+        ids = [int(i) for i in np.asarray(prediction).reshape(-1)]
+        vocab = self.output_vocabulary
+        if vocab.eos_id in ids:
+            ids = ids[: ids.index(vocab.eos_id)]
+        return vocab.decode([i for i in ids if i != 0])
+
+
+class EncoderDecoderModel(BaseModel):
+    """T5-style encoder-decoder: loss, score and predict around `models.EncoderDecoder`."""
+
+    NETWORK_CLS = encoder_decoder.EncoderDecoder
+    FEATURE_CONVERTER_CLS = seqio.EncDecFeatureConverter
+    TARGET_FEATURE = "decoder_target_tokens"
+    WEIGHT_FEATURE = "decoder_loss_weights"
+
+    def __init__(
+        self,
+        config: encoder_decoder.T5Config,
+        vocabulary: seqio.Vocabulary,
+        *,
+        loss: LossConfig = LossConfig(),
+        input_vocabulary: seqio.Vocabulary | None = None,
+    ):
+        super().__init__(config, vocabulary, loss=loss, input_vocabulary=input_vocabulary)
+
+    def _logits(self, network, batch: Batch, *, deterministic: bool, rngs=None) -> jax.Array:
+        return network(
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            encoder_positions=batch.get("encoder_positions"),
+            decoder_positions=batch.get("decoder_positions"),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
+
+    def example_text_ids(self, batch, i):
+        return batch["encoder_input_tokens"][i], batch["decoder_target_tokens"][i]
 
     # --- decoding ---------------------------------------------------------------------
 
@@ -220,3 +294,282 @@ class EncoderDecoderModel:
         if return_scores:
             return out.tokens, out.log_probs
         return out.tokens
+
+
+class DecoderOnlyModel(BaseModel):
+    """GPT / Llama-style decoder-only LM around `models.DecoderOnly`.
+
+    Next-token tasks (features "targets") use seqio's LMFeatureConverter; tasks with
+    "inputs" and "targets" (prefix LM, or any seq2seq task as a decoder-only problem) use
+    the PrefixLMFeatureConverter, which concatenates them and takes the loss on the
+    targets only. With `inputs_bidirectional_attention` the inputs part attends
+    bidirectionally (T5's prefix LM; the converter's `decoder_causal_attention`),
+    otherwise the whole sequence is causal.
+    """
+
+    NETWORK_CLS = decoder_only.DecoderOnly
+    FEATURE_CONVERTER_CLS = seqio.LMFeatureConverter
+    TARGET_FEATURE = "decoder_target_tokens"
+    WEIGHT_FEATURE = "decoder_loss_weights"
+
+    def __init__(
+        self,
+        config: decoder_only.DecoderOnlyConfig,
+        vocabulary: seqio.Vocabulary,
+        *,
+        loss: LossConfig = LossConfig(),
+        feature_converter_cls: type[seqio.FeatureConverter] | None = None,
+        inputs_bidirectional_attention: bool = False,
+    ):
+        super().__init__(config, vocabulary, loss=loss)
+        if feature_converter_cls is not None:
+            self.FEATURE_CONVERTER_CLS = feature_converter_cls
+        if inputs_bidirectional_attention and not issubclass(
+            self.FEATURE_CONVERTER_CLS, seqio.PrefixLMFeatureConverter
+        ):
+            raise ValueError(
+                "inputs_bidirectional_attention=True needs the inputs/targets split of "
+                "seqio.PrefixLMFeatureConverter; set feature_converter_cls = "
+                f"@seqio.PrefixLMFeatureConverter (got {self.FEATURE_CONVERTER_CLS.__name__})"
+            )
+        self.inputs_bidirectional_attention = inputs_bidirectional_attention
+
+    def _prefix_mask(self, batch: Batch) -> jax.Array | None:
+        if not self.inputs_bidirectional_attention:
+            return None
+        return batch.get("decoder_causal_attention")
+
+    def _logits(self, network, batch: Batch, *, deterministic: bool, rngs=None) -> jax.Array:
+        return network(
+            batch["decoder_input_tokens"],
+            positions=batch.get("decoder_positions"),
+            segment_ids=batch.get("decoder_segment_ids"),
+            prefix_mask=self._prefix_mask(batch),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
+
+    @staticmethod
+    def _num_input_tokens(batch) -> Any:
+        """Per row: how many target positions belong to the inputs (0 for plain LM)."""
+        causal = batch.get("decoder_causal_attention")
+        if causal is None:
+            return 0
+        # The converter marks BOS + inputs: one more position than there are inputs.
+        return np.maximum(np.asarray(causal).sum(-1) - 1, 0)
+
+    def example_text_ids(self, batch, i):
+        targets = np.asarray(batch["decoder_target_tokens"][i])
+        n = int(np.asarray(self._num_input_tokens(batch))[i]) if (
+            "decoder_causal_attention" in batch) else 0
+        return targets[:n], targets[n:]
+
+    # --- decoding ---------------------------------------------------------------------
+
+    def make_step_fn(self, network) -> Callable[[jax.Array, Any], tuple[jax.Array, Any]]:
+        """(tokens [B, t], cache) -> (last logits [B, V], cache) for `t5x_like.decoding`."""
+
+        def step_fn(tokens, cache):
+            logits, cache = network.decode(tokens, cache=cache, deterministic=True)
+            return logits[:, -1, :].astype(jnp.float32), cache
+
+        return step_fn
+
+    def prefill(
+        self, network, prompt: jax.Array, prompt_lengths: jax.Array, max_length: int,
+        prefix_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """Runs the prompts [B, P] (padded on the right, BOS first) through the network in
+        one pass and returns (logits [B, V] of each row's last prompt token, a cache of
+        `max_length` slots positioned after the prompt).
+
+        Rows may have different lengths: each row's cache index is its own length, and
+        the K/V written for its padding are masked, then overwritten by the next tokens.
+        """
+        batch = prompt.shape[0]
+        cache = network.init_cache(batch, max_length)
+        logits, cache = network.decode(prompt, cache=cache, prefix_mask=prefix_mask,
+                                       deterministic=True)
+        last = jnp.take_along_axis(
+            logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return last, cache.rewind(prompt_lengths)
+
+    def predict_batch(
+        self,
+        network,
+        batch: Batch,
+        *,
+        rng: jax.Array | None = None,
+        max_decode_length: int | None = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        prompt_length: int = 0,
+        return_scores: bool = False,
+    ):
+        """Continues each row's prompt with the KV cache.
+
+        The prompt is BOS plus the inputs (prefix-LM / seq2seq batches, from
+        `decoder_causal_attention`) or, for next-token batches, BOS plus the first
+        `prompt_length` target tokens (0: unconditional samples). Returns the generated
+        tokens [B, max_decode_length] (0 after EOS), and their log-probs if asked.
+        """
+        dec_inputs = batch["decoder_input_tokens"]
+        b, length = dec_inputs.shape
+        if "decoder_causal_attention" in batch:
+            prompt_lengths = jnp.maximum(jnp.sum(batch["decoder_causal_attention"], -1), 1)
+        else:
+            prompt_lengths = jnp.minimum(
+                jnp.full((b,), 1 + prompt_length, jnp.int32),
+                jnp.maximum(jnp.sum(dec_inputs != 0, -1) + 1, 1))
+        prompt_lengths = prompt_lengths.astype(jnp.int32)
+        positions = jnp.arange(length, dtype=jnp.int32)[None, :]
+        in_prompt = positions < prompt_lengths[:, None]
+        # Zero what follows the prompt: the model must not see the targets.
+        prompt = jnp.where(in_prompt, dec_inputs, 0)
+        prefix_mask = in_prompt if self.inputs_bidirectional_attention else None
+        if max_decode_length is None:
+            max_decode_length = length
+        initial_logits, cache = self.prefill(
+            network, prompt, prompt_lengths, length + max_decode_length, prefix_mask)
+        out = decoding.sample(
+            self.make_step_fn(network),
+            jnp.zeros((b,), jnp.int32),  # unused: step 0 samples from initial_logits
+            cache,
+            max_decode_steps=max_decode_length,
+            rng=rng if rng is not None else jax.random.key(0),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=self.output_vocabulary.eos_id,
+            initial_logits=initial_logits,
+        )
+        if return_scores:
+            return out.tokens, out.log_probs
+        return out.tokens
+
+
+def _feature_converters():
+    from t5x_like.data import feature_converters  # the data package imports tensorflow
+
+    return feature_converters
+
+
+class EncoderOnlyModel(BaseModel):
+    """BERT-style masked LM around `models.EncoderOnly`.
+
+    Loss on every selected position (mask, random and unchanged tokens alike), as BERT;
+    the MaskedLMFeatureConverter marks them with `encoder_loss_weights`.
+    """
+
+    NETWORK_CLS = encoder_only.EncoderOnly
+    TARGET_FEATURE = "encoder_target_tokens"
+    WEIGHT_FEATURE = "encoder_loss_weights"
+
+    def __init__(
+        self,
+        config: encoder_only.EncoderOnlyConfig,
+        vocabulary: seqio.Vocabulary,
+        *,
+        loss: LossConfig = LossConfig(),
+    ):
+        super().__init__(config, vocabulary, loss=loss)
+
+    @property
+    def FEATURE_CONVERTER_CLS(self):
+        return _feature_converters().MaskedLMFeatureConverter
+
+    def _hidden(self, network, batch: Batch, *, deterministic: bool, rngs=None) -> jax.Array:
+        return network.encode(
+            batch["encoder_input_tokens"],
+            token_type_ids=batch.get("encoder_token_type_ids"),
+            segment_ids=batch.get("encoder_segment_ids"),
+            positions=batch.get("encoder_positions"),
+            deterministic=deterministic,
+            rngs=rngs,
+        )
+
+    def _logits(self, network, batch: Batch, *, deterministic: bool, rngs=None) -> jax.Array:
+        hidden = self._hidden(network, batch, deterministic=deterministic, rngs=rngs)
+        return network.mlm_logits(hidden)
+
+    def example_text_ids(self, batch, i):
+        return batch["encoder_input_tokens"][i], batch["encoder_target_tokens"][i]
+
+    def predict_batch(self, network, batch: Batch, *, rng=None, return_scores: bool = False,
+                      **unused_decode_kwargs):
+        """The most likely original token at every selected position ([B, L], 0 elsewhere).
+
+        Positions come from `encoder_loss_weights` when present (eval batches), else from
+        every non-padding position.
+        """
+        del rng, unused_decode_kwargs
+        logits = self._logits(network, batch, deterministic=True)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        weights = batch.get("encoder_loss_weights", batch["encoder_input_tokens"] > 0)
+        tokens = jnp.where(weights > 0, tokens, 0)
+        if return_scores:
+            log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            lp = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+            return tokens, jnp.sum(jnp.where(weights > 0, lp, 0.0), axis=-1)
+        return tokens
+
+
+class SequenceClassificationModel(EncoderOnlyModel):
+    """BERT with a classifier on the pooled first position (the [CLS] slot).
+
+    Features from the ClassificationFeatureConverter: `encoder_input_tokens` [B, L] and
+    `classification_labels` [B]. A row is real when its first token is not padding (eval
+    batches are padded with all-zero rows). `num_tokens` in the sums counts examples.
+    """
+
+    TARGET_FEATURE = "classification_labels"
+
+    def __init__(
+        self,
+        config: encoder_only.EncoderOnlyConfig,
+        vocabulary: seqio.Vocabulary,
+        *,
+        loss: LossConfig = LossConfig(z_loss=0.0),
+    ):
+        if config.num_classes < 1:
+            raise ValueError(
+                f"num_classes={config.num_classes}: a classifier needs num_classes >= 1; "
+                "set NUM_CLASSES in the model gin"
+            )
+        super().__init__(config, vocabulary, loss=loss)
+
+    @property
+    def FEATURE_CONVERTER_CLS(self):
+        return _feature_converters().ClassificationFeatureConverter
+
+    def feature_converter(self, pack: bool = False) -> seqio.FeatureConverter:
+        if pack:
+            raise ValueError("classification examples are not packed; set USE_PACKING = False")
+        return self.FEATURE_CONVERTER_CLS(pack=False)
+
+    def _logits(self, network, batch: Batch, *, deterministic: bool, rngs=None) -> jax.Array:
+        hidden = self._hidden(network, batch, deterministic=deterministic, rngs=rngs)
+        return network.classification_logits(  # [B, C]
+            hidden, deterministic=deterministic, rngs=rngs)
+
+    def _targets_and_weights(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        labels = batch[self.TARGET_FEATURE].astype(jnp.int32)
+        real = (batch["encoder_input_tokens"][:, 0] != 0).astype(jnp.float32)
+        return labels, real
+
+    def example_text_ids(self, batch, i):
+        return batch["encoder_input_tokens"][i], np.asarray([batch[self.TARGET_FEATURE][i]])
+
+    def predict_batch(self, network, batch: Batch, *, rng=None, return_scores: bool = False,
+                      **unused_decode_kwargs):
+        """The most likely class of every row: [B] int32 (and its log-prob if asked)."""
+        del rng, unused_decode_kwargs
+        logits = self._logits(network, batch, deterministic=True).astype(jnp.float32)
+        labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if return_scores:
+            return labels, jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        return labels
+
+    def prediction_text(self, prediction: np.ndarray) -> str:
+        return str(int(np.asarray(prediction).reshape(-1)[0]))

@@ -61,6 +61,19 @@ class Runtime:
         """Parameters of a checkpoint, read straight into this mesh's shardings."""
         return checkpoints.restore_params(checkpoint_path, self.abstract_params())
 
+    def init_params_from(self, checkpoint_path: str | os.PathLike[str], seed: int = 0) -> PyTree:
+        """Fine-tuning start: every parameter the checkpoint holds (same name and shape),
+        fresh initialisation (from `seed`) for the rest, e.g. a new classifier head."""
+        restored = checkpoints.restore_params(checkpoint_path, self.abstract_params(),
+                                              allow_missing=True)
+        def overlay(fresh, loaded):
+            if not isinstance(fresh, dict):
+                return fresh if loaded is None else loaded
+            loaded = loaded or {}
+            return {k: overlay(v, loaded.get(k)) for k, v in fresh.items()}
+
+        return overlay(self.init_params(seed), restored)
+
     def init_params(self, seed: int = 0) -> PyTree:
         """Fresh parameters, initialised directly into their shardings (one jit)."""
         _, params, _ = self.partitioner.sharded_init(

@@ -121,8 +121,10 @@ class EvalHook(Hook):
 class SampleHook(Hook):
     """Decodes a few validation examples and prints input / prediction / target."""
 
-    def __init__(self, every: int, cfg: input_pipeline.DatasetConfig, num_examples: int = 3):
+    def __init__(self, every: int, cfg: input_pipeline.DatasetConfig, num_examples: int = 3,
+                 decode=None):
         self.every, self.cfg, self.num_examples = every, cfg, num_examples
+        self.decode = decode  # an infer.DecodeConfig; None: greedy
         self._batch = None
 
     def __call__(self, step, metrics, ctx):
@@ -134,17 +136,17 @@ class SampleHook(Hook):
                 dataclasses.replace(self.cfg, use_packing=False),
                 model.feature_converter(pack=False), ctx.runtime.partitioner, num_batches=1,
             )[0][0]
-        tokens = infer.predict(ctx.runtime, ctx.state.params, self._batch)
+        tokens = infer.predict(ctx.runtime, ctx.state.params, self._batch,
+                               self.decode or infer.DecodeConfig())
         if jax.process_index() != 0:
             return
         batch = jax.device_get(self._batch)
         for i in range(min(self.num_examples, tokens.shape[0])):
+            inputs, targets = model.example_text_ids(batch, i)
             print(f"--- sample {i} at step {step}")
-            print("input:     ", infer.decode_text(model.input_vocabulary,
-                                                   batch["encoder_input_tokens"][i]))
-            print("prediction:", infer.decode_text(model.output_vocabulary, tokens[i]))
-            print("target:    ", infer.decode_text(model.output_vocabulary,
-                                                   batch["decoder_target_tokens"][i]))
+            print("input:     ", infer.decode_text(model.input_vocabulary, inputs))
+            print("prediction:", model.prediction_text(tokens[i]))
+            print("target:    ", infer.decode_text(model.output_vocabulary, targets))
 
 
 class _Preemption:
@@ -192,9 +194,15 @@ def _warn_about_data_position(cfg: input_pipeline.DatasetConfig, data_state: dic
 
 
 def _restore_or_init(
-    checkpointer: checkpoints.Checkpointer, runtime: Runtime, trainer: Trainer, seed: int
+    checkpointer: checkpoints.Checkpointer, runtime: Runtime, trainer: Trainer, seed: int,
+    init_checkpoint: str | None = None,
 ) -> tuple[TrainState, dict]:
     latest = checkpointer.latest_step()
+    if latest is None and init_checkpoint:
+        logging.info("no checkpoint in %s: fine-tuning from %s", checkpointer.directory,
+                     init_checkpoint)
+        params = runtime.init_params_from(init_checkpoint, seed)
+        return trainer.init_state(params), {"position": 0}
     if latest is None:
         logging.info("no checkpoint in %s: initialising from seed %d", checkpointer.directory, seed)
         return trainer.init_state(runtime.init_params(seed)), {"position": 0}
@@ -214,6 +222,7 @@ def train(
     partitioning_rules: str = "dp",
     num_microbatches: int = 1,
     seed: int = 0,
+    init_checkpoint: str | None = None,
     log_every: int = 10,
     checkpoint_every: int = 100,
     keep_checkpoints: int | None = 3,
@@ -223,12 +232,19 @@ def train(
     eval_batches: int = 8,
     sample_every: int = 0,
     num_samples: int = 3,
+    sample_decode=None,
     extra_hooks: Sequence[Hook] = (),
     stop_after_steps: int | None = None,
     on_ready: Callable[[LoopContext], None] | None = None,
 ) -> TrainState:
     """Trains `model` for `total_steps` steps (resuming from MODEL_DIR if it has checkpoints).
 
+    `init_checkpoint` (fine-tuning): when MODEL_DIR has no checkpoint yet, start from
+    the parameters of that checkpoint (a step or checkpoints directory) instead of a
+    fresh initialisation; parameters it lacks (a new head) are initialised from `seed`,
+    and the optimizer state and step start fresh.
+    `sample_decode` (an `infer.DecodeConfig`) sets how samples are decoded, e.g. a
+    decoder-only LM continuing the first `prompt_length` tokens; default greedy.
     `stop_after_steps` stops early (after that step is saved) without changing the
     schedule: the way tests simulate an interrupted run.
     Returns the final TrainState.
@@ -261,7 +277,8 @@ def train(
             async_save=async_checkpointing,
         )
         cleanup.callback(checkpointer.close)  # waits for pending async saves
-        state, data_state = _restore_or_init(checkpointer, runtime, trainer, seed)
+        state, data_state = _restore_or_init(checkpointer, runtime, trainer, seed,
+                                             init_checkpoint)
         start_step = int(jax.device_get(state.step))
         _warn_about_data_position(train_dataset_cfg, data_state)
 
@@ -277,16 +294,15 @@ def train(
         writer = MetricsWriter(model_dir_path, total_steps=total_steps)
         cleanup.callback(writer.close)
         log_hook = LogHook(log_every)
-        lengths = model.model_feature_lengths(train_dataset_cfg.task_feature_lengths)
         log_hook.set_tokens_per_step(
             train_dataset_cfg.batch_size
-            * (lengths.get("encoder_input_tokens", 0) + lengths.get("decoder_target_tokens", 0))
+            * model.tokens_per_example(train_dataset_cfg.task_feature_lengths)
         )
         hooks: list[Hook] = [CheckpointHook()]
         if eval_every:
             hooks.append(EvalHook(eval_every, eval_dataset_cfg, eval_batches))
         if sample_every:
-            hooks.append(SampleHook(sample_every, eval_dataset_cfg, num_samples))
+            hooks.append(SampleHook(sample_every, eval_dataset_cfg, num_samples, sample_decode))
         hooks.extend(extra_hooks)
         ctx = LoopContext(runtime, trainer, writer, checkpointer, data, model_dir_path,
                           total_steps, state)

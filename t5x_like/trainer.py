@@ -116,7 +116,9 @@ class Trainer:
                 abstract_params=abstract_params,
             ),
         )
-        self.batch_sharding = partitioner.batch_sharding(2)
+        # Rank 1: the batch dim over the batch axes, every other dim replicated, so one
+        # sharding fits [B, L] tokens and [B] labels alike.
+        self.batch_sharding = partitioner.batch_sharding(1)
 
         self.train_step = jax.jit(
             self._train_step,

@@ -5,9 +5,10 @@ import pathlib
 import gin
 import jax
 import pytest
+import seqio
 from flax import nnx
 
-from models import encoder_decoder
+from models import decoder_only, encoder_decoder, encoder_only
 from partitioning import mesh as mesh_lib
 from t5x_like import evaluate, gin_utils, infer, train
 
@@ -16,11 +17,16 @@ MODEL_GINS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "gin/models"
 PARTITIONING_GINS = sorted(
     p.relative_to(ROOT).as_posix() for p in (ROOT / "gin/partitioning").glob("*.gin"))
 EXPERIMENTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "experiments").glob("*.gin"))
-RUN_FN = {"pretrain": train.train, "eval": evaluate.evaluate, "infer": infer.infer}
+# Model gin name prefix -> the network config class it must build.
+FAMILY = {"t5_1_1": encoder_decoder.T5Config, "gpt2": decoder_only.DecoderOnlyConfig,
+          "llama": decoder_only.DecoderOnlyConfig, "bert": encoder_only.EncoderOnlyConfig}
+RUN_FN = {"pretrain": train.train, "finetune": train.train, "eval": evaluate.evaluate,
+          "infer": infer.infer}
 REQUIRED = [
     "MODEL_DIR='/tmp/unused'", "MIXTURE_OR_TASK_NAME='shakespeare_span_corruption'",
     "TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 14}", "TRAIN_STEPS=10", "BATCH_SIZE=8",
     "CHECKPOINT_PATH='/tmp/unused'", "INFER_OUTPUT_DIR='/tmp/unused'",
+    "INIT_CHECKPOINT='/tmp/unused'",
 ]
 
 
@@ -37,6 +43,8 @@ def _parse(files, extra=()):
 
 def test_every_gin_directory_is_covered():
     assert len(MODEL_GINS) >= 6 and len(PARTITIONING_GINS) >= 5
+    for model_gin in MODEL_GINS:
+        assert pathlib.Path(model_gin).stem.rsplit("_", 1)[0] in FAMILY, model_gin
     assert "experiments/quickstart.gin" in EXPERIMENTS
 
 
@@ -45,19 +53,18 @@ def test_every_gin_directory_is_covered():
 def test_model_and_run_gins_build(model_gin, run):
     _parse([model_gin, f"gin/runs/{run}.gin"], ["NUM_EMBEDDINGS=8192"])
     model = _build("MODEL")
-    assert isinstance(model.config, encoder_decoder.T5Config)
+    assert isinstance(model.config, FAMILY[pathlib.Path(model_gin).stem.rsplit("_", 1)[0]])
     assert model.config.vocab_size == 8192
     gin.get_configurable(RUN_FN[run])  # the run function is configured
-    if run == "pretrain":
+    if run in ("pretrain", "finetune"):
         opt = _build("OPTIMIZER")
         assert float(opt.schedule(100)) > 0
     # The network builds abstractly, without allocating weights (the published counts of
-    # every size are checked in test_encoder_decoder.py; here the small ones suffice).
+    # every size are checked in each family's tests; here the small ones suffice).
     if "tiny" in model_gin or "small" in model_gin:
         abstract = nnx.eval_shape(lambda: model.make_network(nnx.Rngs(0)))
         n = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
-        emb = model.config.emb_dim
-        assert n > 2 * 8192 * emb  # both embedding tables plus the layers
+        assert n > 8192 * model.config.emb_dim  # the embedding table plus the layers
 
 
 @pytest.mark.parametrize("part_gin", PARTITIONING_GINS)
@@ -79,3 +86,20 @@ def test_experiments_parse_and_build(experiment):
     assert model.output_vocabulary.vocab_size <= model.config.vocab_size
     header = (ROOT / experiment).read_text().splitlines()[0:12]
     assert any("python -m t5x_like.main" in line for line in header), "header holds the command"
+
+
+def test_prefix_lm_objective_makes_the_inputs_bidirectional():
+    _parse(["gin/models/llama_tiny.gin", "gin/runs/pretrain.gin",
+            "gin/objectives/prefix_lm.gin"])
+    model = _build("MODEL")
+    assert model.inputs_bidirectional_attention
+    assert issubclass(model.FEATURE_CONVERTER_CLS, seqio.PrefixLMFeatureConverter)
+
+
+def test_finetune_starts_from_the_init_checkpoint():
+    _parse(["gin/models/bert_tiny.gin", "gin/runs/finetune.gin"],
+           ["MODEL=@model_api.SequenceClassificationModel()", "NUM_CLASSES=4"])
+    assert gin.query_parameter("train.train.init_checkpoint") is not None
+    model = _build("MODEL")
+    assert type(model).__name__ == "SequenceClassificationModel"
+    assert model.config.num_classes == 4

@@ -133,11 +133,12 @@ def test_gin_presets_equal_python_presets(size):
     path = REPO / "gin" / "models" / f"t5_1_1_{size}.gin"
     gin.clear_config()
     try:
-        gin.parse_config_files_and_bindings([str(path)], None)
+        gin.parse_config_files_and_bindings([str(path)], None, finalize_config=False)
         cfg = gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn()
         assert cfg == ed.PRESETS[size]
         gin.clear_config()
-        gin.parse_config_files_and_bindings([str(path)], ["NUM_EMBEDDINGS = 100"])
+        gin.parse_config_files_and_bindings([str(path)], ["NUM_EMBEDDINGS = 100"],
+                                            finalize_config=False)
         cfg = gin.query_parameter("%NETWORK_CONFIG").scoped_configurable_fn()
         assert cfg == ed.t5_1_1(size, vocab_size=100)
     finally:

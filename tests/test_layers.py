@@ -85,6 +85,77 @@ def test_relative_position_biases_use_explicit_positions():
     np.testing.assert_array_equal(bias[0, :, 0, 1], table[:, _bucket_reference(1 - 2, False)])
 
 
+# --- rotary position embedding ----------------------------------------------------------
+
+
+def _rope_reference(x, positions, theta):
+    """RoPE from its definition: dims (i, i + H/2) form the complex number z_i, which is
+    rotated by exp(1j * position * theta^(-2i/H)). x [B, T, N, H], positions [B, T]."""
+    half = x.shape[-1] // 2
+    z = x[..., :half].astype(np.float64) + 1j * x[..., half:].astype(np.float64)
+    freq = theta ** (-2.0 * np.arange(half) / x.shape[-1])  # [H/2]
+    angle = positions[..., None, None].astype(np.float64) * freq  # [B, T, 1, H/2]
+    z = z * np.exp(1j * angle)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_matches_rotation_formula(theta):
+    x = _rand(0, 2, 5, 3, 8)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 0, 1, 300, 2047]], np.int32)
+    got = layers.apply_rope(jnp.asarray(x), jnp.asarray(positions), theta)
+    assert got.shape == x.shape and got.dtype == jnp.float32
+    _close(got, _rope_reference(x, positions, theta), rtol=1e-4, atol=1e-4)
+    # Position 0 is the identity; a rotation keeps each pair's norm.
+    np.testing.assert_allclose(np.asarray(got)[0, 0], x[0, 0], rtol=1e-6)
+    pair_norm = lambda a: np.hypot(a[..., :4], a[..., 4:])
+    _close(pair_norm(np.asarray(got)), pair_norm(x))
+    # Positions shared by the batch ([T]) broadcast like [B, T].
+    shared = layers.apply_rope(jnp.asarray(x), jnp.arange(5), theta)
+    _close(shared, _rope_reference(x, np.tile(np.arange(5), (2, 1)), theta), atol=1e-4)
+
+
+def test_rope_is_relative_and_keeps_the_dtype():
+    # q.k after RoPE depends only on the distance between the two positions.
+    q, k = _rand(1, 1, 1, 1, 16), _rand(2, 1, 1, 1, 16)
+
+    def score(pq, pk):
+        rq = layers.apply_rope(jnp.asarray(q), jnp.array([[pq]]))
+        rk = layers.apply_rope(jnp.asarray(k), jnp.array([[pk]]))
+        return float(jnp.sum(rq * rk))
+
+    assert score(3, 1) == pytest.approx(score(12, 10), abs=1e-4)
+    assert score(3, 1) != pytest.approx(score(3, 2), abs=1e-3)
+    x = jnp.asarray(_rand(3, 1, 2, 1, 8)).astype(jnp.bfloat16)
+    assert layers.apply_rope(x, jnp.arange(2)).dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="RoPE needs an even head_dim, got 7"):
+        layers.Rope.at(jnp.arange(2), 7)
+
+
+def test_attention_rope_hook_rotates_queries_and_keys():
+    d, n, kh, h, t = 16, 4, 2, 8, 5
+    attn = layers.MultiHeadAttention(d, n, h, num_kv_heads=kh, rngs=nnx.Rngs(0))
+    x = _rand(1, 2, t, d)
+    positions = np.array([[0, 1, 2, 3, 4], [3, 4, 0, 1, 2]], np.int32)
+    mask = layers.make_causal_mask(jnp.zeros((2, t)))
+    rope = layers.Rope.at(jnp.asarray(positions), h)
+    got = attn(jnp.asarray(x), mask=mask, rope=rope)
+    kernel = {name: np.asarray(getattr(attn, name).kernel[...])
+              for name in ("query", "key", "value", "out")}
+    q = _rope_reference(np.einsum("btd,dnh->btnh", x, kernel["query"]), positions, 1e4)
+    k = _rope_reference(np.einsum("bsd,dnh->bsnh", x, kernel["key"]), positions, 1e4)
+    v = np.einsum("bsd,dnh->bsnh", x, kernel["value"])
+    ctx = _attention_reference(q, k, v, np.asarray(mask), None, h**-0.5)
+    _close(got, np.einsum("btnh,nhd->btd", ctx, kernel["out"]), atol=1e-5)
+    # Without rope the module is unchanged (T5's numerics).
+    plain = _attention_reference(np.einsum("btd,dnh->btnh", x, kernel["query"]),
+                                 np.einsum("bsd,dnh->bsnh", x, kernel["key"]), v,
+                                 np.asarray(mask), None, h**-0.5)
+    _close(attn(jnp.asarray(x), mask=mask), np.einsum("btnh,nhd->btd", plain, kernel["out"]))
+    with pytest.raises(ValueError, match="rope applies to self-attention only"):
+        attn(jnp.asarray(x), jnp.asarray(x), rope=rope)
+
+
 # --- norms ------------------------------------------------------------------------------
 
 
@@ -206,6 +277,13 @@ def test_mask_helpers():
     assert layers.combine_masks(None, None) is None
     both = layers.combine_masks(jnp.array([True, True]), None, jnp.array([True, False]))
     np.testing.assert_array_equal(np.asarray(both), [True, False])
+
+    window = np.asarray(layers.make_sliding_window_mask(jnp.arange(5), jnp.arange(5), 2))
+    assert window.shape == (1, 1, 5, 5)
+    np.testing.assert_array_equal(window[0, 0], np.abs(np.subtract.outer(range(5), range(5))) < 2)
+    ragged = np.asarray(layers.make_sliding_window_mask(jnp.array([[4], [1]]), jnp.arange(6), 3))
+    assert ragged.shape == (2, 1, 1, 6)
+    np.testing.assert_array_equal(ragged[:, 0, 0], [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
 
     cache = np.asarray(layers.make_cache_mask(jnp.array([0, 2]), 2, 5))
     assert cache.shape == (2, 1, 2, 5)

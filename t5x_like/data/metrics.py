@@ -1,8 +1,9 @@
-"""Simple metrics for span-corruption evaluation, in seqio metric_fn form.
+"""Simple metrics for span-corruption and classification evaluation, in seqio
+metric_fn form.
 
-Each takes `(targets, predictions)` (equal-length lists of decoded strings, or of
-token-id sequences) and returns `{name: value}` with the value a percentage in
-[0, 100], as T5's metrics do.
+Each takes `(targets, predictions)` (equal-length lists of decoded strings, of
+token-id sequences, or of class ids for `classification_accuracy`) and returns
+`{name: value}` with accuracies a percentage in [0, 100], as T5's metrics do.
 """
 
 from __future__ import annotations
@@ -86,3 +87,39 @@ def span_accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict[st
 
 
 SPAN_CORRUPTION_METRICS = (sequence_accuracy, token_accuracy, span_accuracy)
+
+
+# ------------------------------------------------------------------ classification
+
+
+def classification_accuracy(targets: Sequence[int], predictions: Sequence[int],
+                            label_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Accuracy of predicted class ids, with each class's count and accuracy.
+
+    Returns {"accuracy": percent correct, "num_examples": n} plus, for every class c
+    (0..len(label_names) - 1 when names are given, else every class seen in the
+    targets), "count/NAME" (targets of that class) and "accuracy/NAME" (percent of
+    them predicted right; 0 when the class has no examples). NAME is the label name,
+    or the class id without names. Bind the names with functools.partial to get a
+    seqio-style `metric_fn(targets, predictions)`.
+    """
+    _check_lengths(targets, predictions)
+    t = np.asarray(targets, np.int64).reshape(-1)
+    p = np.asarray(predictions, np.int64).reshape(-1)
+    if label_names is not None:
+        bad = t[(t < 0) | (t >= len(label_names))]
+        if bad.size:
+            raise ValueError(f"target class {int(bad[0])} is not in [0, {len(label_names)}) "
+                             f"(label names {list(label_names)})")
+        classes = range(len(label_names))
+    else:
+        classes = sorted(set(t.tolist()))
+    out = {"accuracy": 100.0 * float(np.mean(t == p)) if t.size else 0.0,
+           "num_examples": float(t.size)}
+    for c in classes:
+        name = label_names[c] if label_names is not None else str(c)
+        of_class = t == c
+        n = int(of_class.sum())
+        out[f"count/{name}"] = float(n)
+        out[f"accuracy/{name}"] = 100.0 * float(np.mean(p[of_class] == c)) if n else 0.0
+    return out
