@@ -20,7 +20,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
 from partitioning import mesh as mesh_lib
-from t5x_like import infer, input_pipeline
+from t5x_like import infer, input_pipeline, model_api
 from t5x_like.runtime import Runtime
 
 
@@ -81,6 +81,11 @@ def evaluate(
     infer.single_host_only("--run_mode=eval")
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
     params = runtime.restore_params(checkpoint_path)
+    if isinstance(model, model_api.SequenceClassificationModel):
+        results = {mixture_or_task_name: _classification_metrics(
+            runtime, params, mixture_or_task_name, task_feature_lengths, split, batch_size,
+            num_examples)}
+        return _write(results, output_dir)
     evaluator = seqio.Evaluator(
         mixture_or_task_name=mixture_or_task_name,
         feature_converter=model.feature_converter(pack=False),
@@ -104,6 +109,10 @@ def evaluate(
         task: {name: float(getattr(v, "value", v)) for name, v in m.items()}
         for task, m in (results or {}).items()
     }
+    return _write(results, output_dir)
+
+
+def _write(results: dict[str, dict[str, float]], output_dir: str) -> dict[str, dict[str, float]]:
     if jax.process_index() == 0:
         path = pathlib.Path(output_dir) / "eval_metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,3 +120,33 @@ def evaluate(
         logging.info("eval metrics: %s", results)
         print(json.dumps(results, indent=2))
     return results
+
+
+def _classification_metrics(
+    runtime: Runtime, params: Any, task_name: str, task_feature_lengths: Mapping[str, int],
+    split: str, batch_size: int, num_examples: int | None,
+) -> dict[str, float]:
+    """Predicted vs true labels over the split (seqio's Evaluator needs a "targets"
+    sequence, which a classification task does not have). Uses the task's own predict
+    metric fns when it registers any, else accuracy with per-class counts."""
+    from t5x_like.data import metrics  # the data package imports tensorflow
+
+    cfg = input_pipeline.DatasetConfig(task_name, dict(task_feature_lengths), split=split,
+                                       batch_size=batch_size, shuffle=False, use_packing=False)
+    labels, predictions = [], []
+    batches = input_pipeline.iter_eval_batches(
+        cfg, runtime.model.feature_converter(pack=False), runtime.partitioner, num_batches=None)
+    for index, (batch, num_real) in enumerate(batches):
+        predicted = infer.predict(runtime, params, batch, batch_index=index)
+        host = jax.device_get(batch["classification_labels"])
+        labels.extend(int(x) for x in np.asarray(host)[:num_real])
+        predictions.extend(int(x) for x in np.asarray(predicted)[:num_real])
+        if num_examples is not None and len(labels) >= num_examples:
+            labels, predictions = labels[:num_examples], predictions[:num_examples]
+            break
+    task = seqio.get_mixture_or_task(task_name)
+    metric_fns = getattr(task, "predict_metric_fns", None) or [metrics.classification_accuracy]
+    out: dict[str, float] = {}
+    for fn in metric_fns:
+        out.update({k: float(v) for k, v in fn(labels, predictions).items()})
+    return out

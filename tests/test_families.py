@@ -246,3 +246,40 @@ def test_sharded_training_matches_single_device(family, rules):
     flat, shardings = jax.tree.leaves(state.params), jax.tree.leaves(runtime.param_shardings)
     assert all(a.sharding == s for a, s in zip(flat, shardings))
     assert any(len(s.spec) and any(e is not None for e in s.spec) for s in shardings)
+
+
+# --- fine-tuning start: a pretrained encoder, a fresh head -----------------------------
+
+
+def test_init_params_from_a_pretrained_checkpoint_keeps_the_encoder_and_adds_a_head(tmp_path):
+    from t5x_like import checkpoints
+    from t5x_like.runtime import Runtime
+
+    mesh = mesh_lib.MeshConfig(data=1)
+    devices = jax.devices()[:1]
+    mlm = Runtime.build(model_api.EncoderOnlyModel(BERT, VOCAB), mesh_config=mesh,
+                        devices=devices)
+    pretrained = mlm.init_params(seed=7)
+    ckpt = checkpoints.Checkpointer(tmp_path / "ckpt", async_save=False)
+    ckpt.save(5, {"params": pretrained, "step": jnp.int32(5)}, {"position": 0})
+    ckpt.close()
+
+    head_config = dataclasses.replace(BERT, num_classes=3, mlm_head=False)
+    classifier = Runtime.build(model_api.SequenceClassificationModel(head_config, VOCAB),
+                               mesh_config=mesh, devices=devices)
+    params = jax.device_get(classifier.init_params_from(tmp_path / "ckpt", seed=1))
+    fresh = jax.device_get(classifier.init_params(seed=1))
+    pretrained = jax.device_get(pretrained)
+    assert "mlm" not in params and "classifier_head" in params
+    jax.tree.map(np.testing.assert_array_equal, params["layers"], pretrained["layers"])
+    jax.tree.map(np.testing.assert_array_equal, params["embeddings"], pretrained["embeddings"])
+    jax.tree.map(np.testing.assert_array_equal, params["classifier_head"],
+                 fresh["classifier_head"])
+    assert not np.array_equal(params["embeddings"]["token_embedder"]["embedding"],
+                              fresh["embeddings"]["token_embedder"]["embedding"])
+
+    wider = Runtime.build(model_api.SequenceClassificationModel(
+        dataclasses.replace(head_config, emb_dim=32, head_dim=8), VOCAB),
+        mesh_config=mesh, devices=devices)
+    with pytest.raises(checkpoints.CheckpointError, match=r"parameter .* has shape .*expects"):
+        wider.init_params_from(tmp_path / "ckpt")
