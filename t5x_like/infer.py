@@ -105,7 +105,7 @@ def infer(
             tokens = predict(runtime, params, batch, decode, batch_index=index)
             host = jax.device_get(batch)
             for i in range(num_real):
-                inputs, targets = model.example_text_ids(host, i)
+                inputs, targets = model.example_text_ids(host, i, decode.prompt_length)
                 record = {
                     "input": decode_text(model.input_vocabulary, inputs),
                     "prediction": model.prediction_text(tokens[i]),

@@ -189,9 +189,12 @@ class BaseModel:
 
     # --- what a prediction shows ------------------------------------------------------
 
-    def example_text_ids(self, batch: Mapping[str, np.ndarray], i: int
+    def example_text_ids(self, batch: Mapping[str, np.ndarray], i: int, prompt_length: int = 0
                          ) -> tuple[np.ndarray, np.ndarray]:
-        """(input ids, target ids) of row `i` of a host batch, for samples and infer."""
+        """(input ids, target ids) of row `i` of a host batch, for samples and infer.
+
+        `prompt_length`: the decoder-only `predict_batch` argument of the same name (the
+        leading target tokens shown to the model count as input)."""
         raise NotImplementedError
 
     def prediction_text(self, prediction: np.ndarray) -> str:
@@ -233,7 +236,7 @@ class EncoderDecoderModel(BaseModel):
             rngs=rngs,
         )
 
-    def example_text_ids(self, batch, i):
+    def example_text_ids(self, batch, i, prompt_length=0):
         return batch["encoder_input_tokens"][i], batch["decoder_target_tokens"][i]
 
     # --- decoding ---------------------------------------------------------------------
@@ -349,19 +352,13 @@ class DecoderOnlyModel(BaseModel):
             rngs=rngs,
         )
 
-    @staticmethod
-    def _num_input_tokens(batch) -> Any:
-        """Per row: how many target positions belong to the inputs (0 for plain LM)."""
-        causal = batch.get("decoder_causal_attention")
-        if causal is None:
-            return 0
-        # The converter marks BOS + inputs: one more position than there are inputs.
-        return np.maximum(np.asarray(causal).sum(-1) - 1, 0)
-
-    def example_text_ids(self, batch, i):
+    def example_text_ids(self, batch, i, prompt_length=0):
         targets = np.asarray(batch["decoder_target_tokens"][i])
-        n = int(np.asarray(self._num_input_tokens(batch))[i]) if (
-            "decoder_causal_attention" in batch) else 0
+        if "decoder_causal_attention" in batch:
+            # The converter marks BOS + inputs: one more position than there are inputs.
+            n = max(int(np.sum(batch["decoder_causal_attention"][i])) - 1, 0)
+        else:
+            n = prompt_length
         return targets[:n], targets[n:]
 
     # --- decoding ---------------------------------------------------------------------
@@ -493,7 +490,7 @@ class EncoderOnlyModel(BaseModel):
         hidden = self._hidden(network, batch, deterministic=deterministic, rngs=rngs)
         return network.mlm_logits(hidden)
 
-    def example_text_ids(self, batch, i):
+    def example_text_ids(self, batch, i, prompt_length=0):
         return batch["encoder_input_tokens"][i], batch["encoder_target_tokens"][i]
 
     def predict_batch(self, network, batch: Batch, *, rng=None, return_scores: bool = False,
@@ -558,7 +555,7 @@ class SequenceClassificationModel(EncoderOnlyModel):
         real = (batch["encoder_input_tokens"][:, 0] != 0).astype(jnp.float32)
         return labels, real
 
-    def example_text_ids(self, batch, i):
+    def example_text_ids(self, batch, i, prompt_length=0):
         return batch["encoder_input_tokens"][i], np.asarray([batch[self.TARGET_FEATURE][i]])
 
     def predict_batch(self, network, batch: Batch, *, rng=None, return_scores: bool = False,

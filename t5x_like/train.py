@@ -136,13 +136,13 @@ class SampleHook(Hook):
                 dataclasses.replace(self.cfg, use_packing=False),
                 model.feature_converter(pack=False), ctx.runtime.partitioner, num_batches=1,
             )[0][0]
-        tokens = infer.predict(ctx.runtime, ctx.state.params, self._batch,
-                               self.decode or infer.DecodeConfig())
+        decode = self.decode or infer.DecodeConfig()
+        tokens = infer.predict(ctx.runtime, ctx.state.params, self._batch, decode)
         if jax.process_index() != 0:
             return
         batch = jax.device_get(self._batch)
         for i in range(min(self.num_examples, tokens.shape[0])):
-            inputs, targets = model.example_text_ids(batch, i)
+            inputs, targets = model.example_text_ids(batch, i, decode.prompt_length)
             print(f"--- sample {i} at step {step}")
             print("input:     ", infer.decode_text(model.input_vocabulary, inputs))
             print("prediction:", model.prediction_text(tokens[i]))
