@@ -1,7 +1,8 @@
 """Side-by-side CPU training speed: t5x_like against MaxText on the same Llama-style decoder.
 
-    python benchmarks/vs_maxtext.py                       # builds the MaxText venv if missing
+    python benchmarks/vs_maxtext.py                       # builds the two venvs if missing
     python benchmarks/vs_maxtext.py --skip_build --rounds 3 --steps 10
+    python benchmarks/vs_maxtext.py --skip_build --t5x_jax this   # t5x_like on this jax
     python benchmarks/vs_maxtext.py --skip_build --configs llama512_f32 --json_out /tmp/vs.json
 
 MaxText (`maxtext[tpu]==0.2.5` from the package registry; the TPU extra only brings its
@@ -21,6 +22,13 @@ z-loss (MaxText's default; `--z_loss` sets both); no dropout; random synthetic t
 MaxText keeps its defaults otherwise (scanned layers, its logits and loss code) except
 its remat policy: `--maxtext_remat` (default `minimal`; `full`, its default, recomputes
 the forward pass). `--maxtext_overrides` adds any other `key=value`.
+
+Same XLA on both sides (`--t5x_jax maxtext`, the default): the t5x_like worker runs in
+a second venv, ~/.cache/t5x_like/t5x-jax<version>-venv, with the MaxText venv's jax,
+jaxlib, flax and optax and the rest of setup.py's requirements, importing this
+checkout. jax 0.12 (MaxText 0.2.5's) runs bfloat16 matmuls about twice as fast on CPU
+as jax 0.10, so comparing across versions mostly measures XLA. `--t5x_jax this` runs
+the worker with this interpreter instead.
 
 Every measurement is a fresh subprocess (compile included, then `--steps` steps), with
 the same environment (JAX_PLATFORMS=cpu, this process's XLA_FLAGS, no thread pinning).
