@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models import layers
+from models import configs, layers
 from partitioning import rules
 
 Array = jax.Array
@@ -49,7 +49,7 @@ INIT_STDDEV = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderOnlyConfig:
+class DecoderOnlyConfig(configs.NetworkConfig):
     """Every size and variant of the decoder-only family. Defaults: a small Llama-style net."""
 
     vocab_size: int = 32000
@@ -72,41 +72,12 @@ class DecoderOnlyConfig:
     dtype: str = "float32"  # activations, e.g. "bfloat16"
     param_dtype: str = "float32"
 
-    def __post_init__(self):
-        # Gin passes lists and dtype objects; store hashable, printable values.
-        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
-        for field in ("dtype", "param_dtype"):
-            value = getattr(self, field)
-            try:
-                name = jnp.dtype(value).name
-            except TypeError:
-                raise ValueError(f"{field}={value!r} is not a dtype; use e.g. 'bfloat16'") from None
-            if not jnp.issubdtype(name, jnp.floating):
-                raise ValueError(f"{field}={value!r} must be a float dtype, e.g. 'float32'")
-            object.__setattr__(self, field, name)
+    POSITIVE_INT_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                           "num_layers", "max_length")
+    ACTIVATIONS_EXAMPLE = "('silu', 'linear') or ('gelu',)"
 
-        for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                      "num_layers", "max_length"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive integer")
-        if self.num_kv_heads is not None and (
-            self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads
-        ):
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
-                f"{self.num_kv_heads}; use a divisor of num_heads or None"
-            )
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
-        if not self.mlp_activations:
-            raise ValueError("mlp_activations is empty; use e.g. ('silu', 'linear') or ('gelu',)")
-        unknown = [a for a in self.mlp_activations if a not in layers.ACTIVATIONS]
-        if unknown:
-            raise ValueError(
-                f"mlp_activations {self.mlp_activations} has unknown {unknown}; "
-                f"use names from {sorted(layers.ACTIVATIONS)}"
-            )
+    def __post_init__(self):
+        self._check_common()
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"position_embedding={self.position_embedding!r} is not known; use one of "
@@ -121,8 +92,6 @@ class DecoderOnlyConfig:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 0, e.g. 10000.0")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is not known; use one of {NORMS}")
-        if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
         if self.sliding_window is not None and (
             not isinstance(self.sliding_window, int) or self.sliding_window < 1
         ):
@@ -130,24 +99,6 @@ class DecoderOnlyConfig:
                 f"sliding_window={self.sliding_window!r} must be a positive integer or None "
                 "(full causal attention)"
             )
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads K."""
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def attention_dim(self) -> int:
-        """N * H, the width of the concatenated heads."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def activation_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def parameter_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
 
 
 _GPT2 = DecoderOnlyConfig(

@@ -19,14 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models import layers
+from models import configs, layers
 from partitioning import rules
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(configs.NetworkConfig):
     """Every size of the T5 encoder-decoder. Defaults are T5 v1.1 small."""
 
     vocab_size: int = 32128
@@ -46,41 +46,11 @@ class T5Config:
     dtype: str = "float32"  # activations, e.g. "bfloat16"
     param_dtype: str = "float32"
 
-    def __post_init__(self):
-        # Gin passes lists and dtype objects; store hashable, printable values.
-        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
-        for field in ("dtype", "param_dtype"):
-            value = getattr(self, field)
-            try:
-                name = jnp.dtype(value).name
-            except TypeError:
-                raise ValueError(f"{field}={value!r} is not a dtype; use e.g. 'bfloat16'") from None
-            if not jnp.issubdtype(name, jnp.floating):
-                raise ValueError(f"{field}={value!r} must be a float dtype, e.g. 'float32'")
-            object.__setattr__(self, field, name)
+    POSITIVE_INT_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                           "num_encoder_layers", "num_decoder_layers")
 
-        for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                      "num_encoder_layers", "num_decoder_layers"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive integer")
-        if self.num_kv_heads is not None and (
-            self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads
-        ):
-            raise ValueError(
-                f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
-                f"{self.num_kv_heads}; use a divisor of num_heads or None"
-            )
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
-        if not self.mlp_activations:
-            raise ValueError("mlp_activations is empty; use e.g. ('gelu', 'linear')")
-        unknown = [a for a in self.mlp_activations if a not in layers.ACTIVATIONS]
-        if unknown:
-            raise ValueError(
-                f"mlp_activations {self.mlp_activations} has unknown {unknown}; "
-                f"use names from {sorted(layers.ACTIVATIONS)}"
-            )
+    def __post_init__(self):
+        self._check_common()
         buckets = self.relative_attention_num_buckets
         if buckets < 4 or buckets % 2:
             raise ValueError(
@@ -92,26 +62,6 @@ class T5Config:
                 f"must exceed relative_attention_num_buckets // 2 = {buckets // 2} "
                 "(the exact buckets); T5 uses 32 buckets and max distance 128"
             )
-        if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads K."""
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def attention_dim(self) -> int:
-        """N * H, the width of the concatenated heads."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def activation_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def parameter_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
 
 
 # Published T5 v1.1 sizes (google/t5-v1_1-*), plus this project's own CPU-sized "tiny".

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
+from models import configs, layers
 from partitioning import rules
 
 Array = jax.Array
@@ -32,7 +32,7 @@ _init = jax.nn.initializers.truncated_normal(stddev=INIT_STDDEV)
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderOnlyConfig:
+class EncoderOnlyConfig(configs.NetworkConfig):
     """Every size of the BERT encoder. Defaults are BERT-base (uncased vocabulary)."""
 
     vocab_size: int = 30522
@@ -51,55 +51,18 @@ class EncoderOnlyConfig:
     dtype: str = "float32"  # activations, e.g. "bfloat16"
     param_dtype: str = "float32"
 
-    def __post_init__(self):
-        # Gin passes lists and dtype objects; store hashable, printable values.
-        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
-        for field in ("dtype", "param_dtype"):
-            value = getattr(self, field)
-            try:
-                name = jnp.dtype(value).name
-            except TypeError:
-                raise ValueError(f"{field}={value!r} is not a dtype; use e.g. 'bfloat16'") from None
-            if not jnp.issubdtype(name, jnp.floating):
-                raise ValueError(f"{field}={value!r} must be a float dtype, e.g. 'float32'")
-            object.__setattr__(self, field, name)
+    POSITIVE_INT_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                           "num_layers", "max_length")
+    ACTIVATIONS_EXAMPLE = "('gelu_exact',)"
 
-        for field in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
-                      "num_layers", "max_length"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{field}={value!r} must be a positive integer")
+    def __post_init__(self):
+        self._check_common()
         for field in ("type_vocab_size", "num_classes"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{field}={value!r} must be an integer >= 0 (0 disables it)")
         if not isinstance(self.mlm_head, bool):
             raise ValueError(f"mlm_head={self.mlm_head!r} must be True or False")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
-        if not self.mlp_activations:
-            raise ValueError("mlp_activations is empty; use e.g. ('gelu_exact',)")
-        unknown = [a for a in self.mlp_activations if a not in layers.ACTIVATIONS]
-        if unknown:
-            raise ValueError(
-                f"mlp_activations {self.mlp_activations} has unknown {unknown}; "
-                f"use names from {sorted(layers.ACTIVATIONS)}"
-            )
-        if self.layer_norm_epsilon <= 0:
-            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
-
-    @property
-    def attention_dim(self) -> int:
-        """N * H, the width of the concatenated heads."""
-        return self.num_heads * self.head_dim
-
-    @property
-    def activation_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.dtype)
-
-    @property
-    def parameter_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
 
 
 # Published BERT sizes (google-research/bert), plus this project's CPU-sized "bert_tiny"

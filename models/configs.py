@@ -1,0 +1,78 @@
+"""What every family's frozen config dataclass shares.
+
+`NetworkConfig` is a mixin (no dataclass fields of its own): `_check_common()` turns
+gin-given values into hashable, printable ones (lists -> tuples, dtype objects -> names)
+and runs the checks every family needs, each error naming the value and the fix; the
+derived sizes are properties. A family's `__post_init__` calls it, then checks its own
+fields.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from models import layers
+
+
+class NetworkConfig:
+    """Mixin for a frozen config dataclass with the usual transformer fields."""
+
+    # Fields that must be positive Python ints (the family's sizes).
+    POSITIVE_INT_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Shown when mlp_activations is empty.
+    ACTIVATIONS_EXAMPLE: ClassVar[str] = "('gelu', 'linear')"
+
+    def _check_common(self) -> None:
+        object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        for field in ("dtype", "param_dtype"):
+            value = getattr(self, field)
+            try:
+                name = jnp.dtype(value).name
+            except TypeError:
+                raise ValueError(f"{field}={value!r} is not a dtype; use e.g. 'bfloat16'") from None
+            if not jnp.issubdtype(name, jnp.floating):
+                raise ValueError(f"{field}={value!r} must be a float dtype, e.g. 'float32'")
+            object.__setattr__(self, field, name)
+
+        for field in self.POSITIVE_INT_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field}={value!r} must be a positive integer")
+        num_kv_heads = getattr(self, "num_kv_heads", None)
+        if num_kv_heads is not None and (num_kv_heads < 1 or self.num_heads % num_kv_heads):
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                f"{num_kv_heads}; use a divisor of num_heads or None"
+            )
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate={self.dropout_rate} must be in [0, 1)")
+        if not self.mlp_activations:
+            raise ValueError(f"mlp_activations is empty; use e.g. {self.ACTIVATIONS_EXAMPLE}")
+        unknown = [a for a in self.mlp_activations if a not in layers.ACTIVATIONS]
+        if unknown:
+            raise ValueError(
+                f"mlp_activations {self.mlp_activations} has unknown {unknown}; "
+                f"use names from {sorted(layers.ACTIVATIONS)}"
+            )
+        if self.layer_norm_epsilon <= 0:
+            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads K."""
+        return getattr(self, "num_kv_heads", None) or self.num_heads
+
+    @property
+    def attention_dim(self) -> int:
+        """N * H, the width of the concatenated heads."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def activation_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def parameter_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
