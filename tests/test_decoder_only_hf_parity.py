@@ -17,11 +17,11 @@ Skipped where torch / transformers are not installed (the `test` extra installs 
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_weights import WeightCopier
 
 from models import decoder_only as do
 
@@ -95,14 +95,8 @@ def _from_hf(hf_state: dict, name: str, cfg: do.DecoderOnlyConfig) -> do.Decoder
     """
     net = nnx.eval_shape(lambda: do.DecoderOnly(cfg, rngs=nnx.Rngs(0)))
     d, n, k, h = cfg.emb_dim, cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    used = set()
-
-    def put(var: nnx.Variable, key: str, transform=lambda w: w):
-        used.add(key)
-        value = transform(hf_state[key].detach().cpu().numpy())
-        want = var.get_value()
-        assert (value.shape, value.dtype) == (want.shape, want.dtype), (key, value.shape, want)
-        var.set_value(jnp.asarray(value))
+    weights = WeightCopier(hf_state)
+    put = weights.put
 
     def norm(ours, key):
         put(ours.scale, key + ".weight")
@@ -128,9 +122,8 @@ def _from_hf(hf_state: dict, name: str, cfg: do.DecoderOnlyConfig) -> do.Decoder
             put(mlp.wo.kernel, p + "mlp.c_proj.weight")
             put(mlp.wo.bias, p + "mlp.c_proj.bias")
         norm(net.decoder_norm, "transformer.ln_f")
-        lm_head, wte = hf_state["lm_head.weight"], hf_state["transformer.wte.weight"]
-        assert lm_head.data_ptr() == wte.data_ptr(), "GPT-2's lm_head must be the embedding"
-        used.add("lm_head.weight")
+        weights.tied("lm_head.weight", "transformer.wte.weight",
+                     "GPT-2's lm_head must be the embedding")
     else:
         put(net.token_embedder.embedding, "model.embed_tokens.weight")
         for i, layer in enumerate(net.layers):
@@ -147,12 +140,7 @@ def _from_hf(hf_state: dict, name: str, cfg: do.DecoderOnlyConfig) -> do.Decoder
         norm(net.decoder_norm, "model.norm")
         put(net.logits_dense.kernel, "lm_head.weight", np.transpose)
 
-    unread = set(hf_state) - used
-    assert not unread, f"HF weights not copied: {sorted(unread)}"
-    missing = [jax.tree_util.keystr(path) for path, x in
-               jax.tree_util.tree_leaves_with_path(nnx.state(net))
-               if not isinstance(x, jax.Array)]
-    assert not missing, f"parameters not set from HF: {missing}"
+    weights.check_complete(net)
     return net
 
 

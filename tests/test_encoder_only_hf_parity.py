@@ -15,11 +15,11 @@ Skipped where torch / transformers are not installed (the `test` extra installs 
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_weights import WeightCopier
 
 from models import encoder_only as eo
 from models import layers
@@ -79,14 +79,8 @@ def _from_hf(hf_state: dict, cfg: eo.EncoderOnlyConfig) -> eo.EncoderOnly:
     """
     net = nnx.eval_shape(lambda: eo.EncoderOnly(cfg, rngs=nnx.Rngs(0)))
     d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
-    used = set()
-
-    def put(var: nnx.Variable, name: str, transform=lambda w: w):
-        used.add(name)
-        value = transform(hf_state[name].detach().cpu().numpy())
-        want = var.get_value()
-        assert (value.shape, value.dtype) == (want.shape, want.dtype), (name, value.shape, want)
-        var.set_value(jnp.asarray(value))
+    weights = WeightCopier(hf_state)
+    put = weights.put
 
     def dense(ours: layers.DenseGeneral, prefix: str, kernel=np.transpose, bias=lambda b: b):
         put(ours.kernel, prefix + ".weight", kernel)
@@ -120,18 +114,12 @@ def _from_hf(hf_state: dict, cfg: eo.EncoderOnlyConfig) -> eo.EncoderOnly:
         for name, tied_to in (("cls.predictions.decoder.weight",
                                "bert.embeddings.word_embeddings.weight"),
                               ("cls.predictions.decoder.bias", "cls.predictions.bias")):
-            assert hf_state[name].data_ptr() == hf_state[tied_to].data_ptr(), name
-            used.add(name)
+            weights.tied(name, tied_to)
     if cfg.num_classes:
         dense(net.classifier_head.pooler, "bert.pooler.dense")
         dense(net.classifier_head.classifier, "classifier")
 
-    unread = set(hf_state) - used
-    assert not unread, f"HF weights not copied: {sorted(unread)}"
-    missing = [jax.tree_util.keystr(path) for path, x in
-               jax.tree_util.tree_leaves_with_path(nnx.state(net))
-               if not isinstance(x, jax.Array)]
-    assert not missing, f"parameters not set from HF: {missing}"
+    weights.check_complete(net)
     return net
 
 

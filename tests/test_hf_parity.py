@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_weights import WeightCopier
 
 from models import encoder_decoder as ed
 from models import layers
@@ -70,14 +71,8 @@ def _from_hf(hf_state: dict, cfg: ed.T5Config) -> ed.EncoderDecoder:
     """
     net = nnx.eval_shape(lambda: ed.EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
     d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
-    used = set()
-
-    def put(var: nnx.Variable, name: str, transform=lambda w: w):
-        used.add(name)
-        value = transform(hf_state[name].detach().cpu().numpy())
-        want = var.get_value()
-        assert (value.shape, value.dtype) == (want.shape, want.dtype), (name, value.shape, want)
-        var.set_value(jnp.asarray(value))
+    weights = WeightCopier(hf_state)
+    put = weights.put
 
     def attention(attn: layers.MultiHeadAttention, prefix: str):
         for ours, theirs in ((attn.query, "q"), (attn.key, "k"), (attn.value, "v")):
@@ -110,19 +105,13 @@ def _from_hf(hf_state: dict, cfg: ed.T5Config) -> ed.EncoderDecoder:
         mlp(layer.mlp, p + "2.DenseReluDense.")
     put(net.decoder.decoder_norm.scale, "decoder.final_layer_norm.weight")
     if cfg.logits_via_embedding:
-        tied = hf_state["lm_head.weight"].data_ptr() == hf_state["shared.weight"].data_ptr()
-        assert tied, "a tied HF model must share lm_head with the embedding"
-        used.add("lm_head.weight")
+        weights.tied("lm_head.weight", "shared.weight",
+                     "a tied HF model must share lm_head with the embedding")
     else:
         put(net.logits_dense.kernel, "lm_head.weight", np.transpose)
 
     # The stacks' embed_tokens are the shared table.
-    unread = {k for k in set(hf_state) - used if not k.endswith("embed_tokens.weight")}
-    assert not unread, f"HF weights not copied: {sorted(unread)}"
-    missing = [jax.tree_util.keystr(path) for path, x in
-               jax.tree_util.tree_leaves_with_path(nnx.state(net))
-               if not isinstance(x, jax.Array)]
-    assert not missing, f"parameters not set from HF: {missing}"
+    weights.check_complete(net, ignore=lambda k: k.endswith("embed_tokens.weight"))
     return net
 
 
