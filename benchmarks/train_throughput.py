@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import platform
@@ -37,6 +36,8 @@ import statistics
 import sys
 import time
 from typing import Any
+
+import report  # benchmarks/report.py: this script's directory is on sys.path
 
 # --- configs -------------------------------------------------------------------------------
 
@@ -472,14 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "results": [bench.result(best) for bench in benches],
     }
-    if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
-    print(json.dumps(doc, indent=2))
-    print()
-    print(_table(doc))
-    return doc
+    return report.emit(doc, _table(doc), args.json_out)
 
 
 if __name__ == "__main__":

@@ -743,14 +743,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "matmul_peaks": best_peaks,
         "results": [summarize(CONFIGS[n], runs[n], best_peaks) for n in args.config_names],
     }
-    if args.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
-    print(json.dumps(doc, indent=2))
-    print()
-    print(_table(doc))
-    return doc
+    sys.path.insert(0, HERE)
+    import report
+
+    return report.emit(doc, _table(doc), args.json_out)
 
 
 if __name__ == "__main__":
