@@ -187,6 +187,27 @@ class BaseModel:
         token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         return jnp.sum((token_ll * weights).reshape(token_ll.shape[0], -1), axis=-1)
 
+    # --- decoding ---------------------------------------------------------------------
+
+    def _sample(self, step_fn, first_tokens, cache, *, rng, max_decode_length, temperature,
+                top_k, top_p, return_scores, initial_logits=None):
+        """`decoding.sample` with this model's EOS: tokens [B, S] (and log-probs if asked)."""
+        out = decoding.sample(
+            step_fn,
+            first_tokens,
+            cache,
+            max_decode_steps=max_decode_length,
+            rng=rng if rng is not None else jax.random.key(0),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=self.output_vocabulary.eos_id,
+            initial_logits=initial_logits,
+        )
+        if return_scores:
+            return out.tokens, out.log_probs
+        return out.tokens
+
     # --- what a prediction shows ------------------------------------------------------
 
     def example_text_ids(self, batch: Mapping[str, np.ndarray], i: int, prompt_length: int = 0
@@ -283,20 +304,9 @@ class EncoderDecoderModel(BaseModel):
 
         step_fn = self.make_step_fn(network, encoded, inputs)
         first = jnp.zeros((inputs.shape[0],), jnp.int32)  # T5's decoder starts from pad (0).
-        out = decoding.sample(
-            step_fn,
-            first,
-            cache,
-            max_decode_steps=max_decode_length,
-            rng=rng if rng is not None else jax.random.key(0),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=self.output_vocabulary.eos_id,
-        )
-        if return_scores:
-            return out.tokens, out.log_probs
-        return out.tokens
+        return self._sample(step_fn, first, cache, rng=rng, max_decode_length=max_decode_length,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            return_scores=return_scores)
 
 
 class DecoderOnlyModel(BaseModel):
@@ -429,21 +439,12 @@ class DecoderOnlyModel(BaseModel):
             max_decode_length = length
         initial_logits, cache = self.prefill(
             network, prompt, prompt_lengths, length + max_decode_length, prefix_mask)
-        out = decoding.sample(
+        return self._sample(
             self.make_step_fn(network),
             jnp.zeros((b,), jnp.int32),  # unused: step 0 samples from initial_logits
-            cache,
-            max_decode_steps=max_decode_length,
-            rng=rng if rng is not None else jax.random.key(0),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=self.output_vocabulary.eos_id,
-            initial_logits=initial_logits,
-        )
-        if return_scores:
-            return out.tokens, out.log_probs
-        return out.tokens
+            cache, rng=rng, max_decode_length=max_decode_length, temperature=temperature,
+            top_k=top_k, top_p=top_p, return_scores=return_scores,
+            initial_logits=initial_logits)
 
 
 def _feature_converters():
