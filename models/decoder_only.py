@@ -66,6 +66,7 @@ class DecoderOnlyConfig(configs.NetworkConfig):
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm" (GPT-2, with a bias when use_bias)
     layer_norm_epsilon: float = 1e-6
     use_bias: bool = False  # GPT-2: biases on every projection and LayerNorm
+    qkv_bias: bool | None = None  # None: as use_bias; True: query/key/value biases (Qwen2)
     tie_embeddings: bool = False  # GPT-2: logits = embedding.attend(x), no scaling
     sliding_window: int | None = None  # query sees the last `sliding_window` tokens
     dropout_rate: float = 0.0
@@ -224,7 +225,7 @@ class DecoderLayer(nnx.Module):
         self.self_attention = layers.MultiHeadAttention(
             config.emb_dim, config.num_heads, config.head_dim,
             num_kv_heads=config.num_kv_heads, dropout_rate=config.dropout_rate,
-            use_bias=config.use_bias, kernel_init=_init(config),
+            use_bias=config.use_bias, qkv_bias=config.qkv_bias, kernel_init=_init(config),
             out_kernel_init=_init(config, residual=True), rngs=rngs, **_dense_kwargs(config),
         )
         self.pre_mlp_layer_norm = _norm(config, rngs)

@@ -593,7 +593,8 @@ class MultiHeadAttention(nnx.Module):
     `scale_in_query_init=True` is T5's scheme: no 1/sqrt(H) on the logits, folded into
     the query kernel init instead (stddev (D*H)^-0.5 under the default init); otherwise
     the logits are scaled by 1/sqrt(H) (GPT, Llama, BERT). `out_kernel_init` (default:
-    `kernel_init`) lets GPT-2 scale down the residual output projection.
+    `kernel_init`) lets GPT-2 scale down the residual output projection. `qkv_bias`
+    (default: `use_bias`) gives only the query / key / value projections biases (Qwen2).
 
     `rope` (a `Rope`, self-attention only) rotates queries and keys right after their
     projections, so a KV cache holds rotated keys (Llama).
@@ -610,6 +611,7 @@ class MultiHeadAttention(nnx.Module):
         out_features: int | None = None,
         dropout_rate: float = 0.0,
         use_bias: bool = False,
+        qkv_bias: bool | None = None,
         scale_in_query_init: bool = False,
         kernel_init: Initializer = default_attention_kernel_init,
         out_kernel_init: Initializer | None = None,
@@ -639,12 +641,13 @@ class MultiHeadAttention(nnx.Module):
             DenseGeneral, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         kv_features = kv_features or in_features
+        qkv_bias = use_bias if qkv_bias is None else qkv_bias
         self.query = dense(in_features, (num_heads, head_dim), kernel_init=query_init,
-                           kernel_axes=("embed", "heads", "kv"))
+                           kernel_axes=("embed", "heads", "kv"), use_bias=qkv_bias)
         self.key = dense(kv_features, (num_kv_heads, head_dim), kernel_init=kernel_init,
-                         kernel_axes=("embed", kv_heads_axis, "kv"))
+                         kernel_axes=("embed", kv_heads_axis, "kv"), use_bias=qkv_bias)
         self.value = dense(kv_features, (num_kv_heads, head_dim), kernel_init=kernel_init,
-                           kernel_axes=("embed", kv_heads_axis, "kv"))
+                           kernel_axes=("embed", kv_heads_axis, "kv"), use_bias=qkv_bias)
         self.out = dense((num_heads, head_dim), out_features or in_features, axis=(-2, -1),
                          kernel_init=out_kernel_init or kernel_init,
                          kernel_axes=("heads", "kv", "embed"))
