@@ -19,6 +19,10 @@ _CORE = [
     "absl-py>=2.1,<3",
     "tensorboardX>=2.6,<3",
     "matplotlib>=3.8,<4",
+    # Hugging Face checkpoint import / export (t5x_like/convert): safetensors only, and
+    # the tokenizers library for a model that ships only a tokenizer.json.
+    "safetensors>=0.4.3,<1",
+    "tokenizers>=0.20,<1",
 ]
 
 setuptools.setup(

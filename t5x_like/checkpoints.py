@@ -117,6 +117,21 @@ class Checkpointer:
         self._manager.close()
 
 
+def save_params(directory: str | os.PathLike[str], params: PyTree, *, step: int = 0
+                ) -> pathlib.Path:
+    """Writes parameters alone as step `step` of a checkpoints directory (synchronously).
+
+    `restore_params` (eval, infer) and `train(init_checkpoint=...)` (fine-tuning) read it
+    like a training checkpoint; it has no optimizer state, so training resumes from it
+    only as an init checkpoint (into another MODEL_DIR).
+    """
+    path = pathlib.Path(directory).absolute() / str(step)
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / "state", {"params": params})
+    return path
+
+
 def _step_dir(path: str | os.PathLike[str]) -> pathlib.Path:
     """A step directory from a step directory or a checkpoints directory (latest step)."""
     path = pathlib.Path(path).absolute()

@@ -1,15 +1,23 @@
-"""Vocabularies by name, and where the shipped corpus lives.
+"""Vocabularies by name, where the shipped corpus lives, and Hugging Face tokenizers.
 
-Both vocabularies follow T5: pad=0, eos=1, unk=2, no bos, and 100 sentinel ids
+Both named vocabularies follow T5: pad=0, eos=1, unk=2, no bos, and 100 sentinel ids
 (`<extra_id_0>` = vocab_size - 1, `<extra_id_1>` = vocab_size - 2, ...) at the end.
+
+`hf_vocabulary(directory)` is the vocabulary of a converted Hugging Face model: its
+SentencePiece model (spiece.model / tokenizer.model) as a seqio.SentencePieceVocabulary,
+or else its tokenizer.json through the HF `tokenizers` library (`HfTokenizerVocabulary`).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import pathlib
+from collections.abc import Sequence
 
+import numpy as np
 import seqio
+import tensorflow as tf
 
 CORPUS_DIR = pathlib.Path(__file__).resolve().parent / "corpus"
 # One paragraph (a speech, a stanza, a sonnet) per line, gzip'd; built by
@@ -68,3 +76,123 @@ def get_vocabulary(name: str = "shakespeare_spm") -> seqio.Vocabulary:
             f"unknown vocabulary {name!r}; known vocabularies: {', '.join(_VOCABULARIES)}"
         ) from None
     return factory()
+
+
+# --- Hugging Face tokenizers -------------------------------------------------------------
+
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")
+TOKENIZER_JSON = "tokenizer.json"
+
+
+class HfTokenizerVocabulary(seqio.Vocabulary):
+    """A seqio vocabulary over a Hugging Face `tokenizer.json` (BPE, WordPiece, ...).
+
+    Encoding adds no special tokens (seqio appends EOS itself); decoding drops them.
+    Ids are the tokenizer's own, so id 0 is whatever token it is (seqio treats 0 as
+    padding, as every model of this framework does).
+    """
+
+    def __init__(self, path: str | pathlib.Path, *, eos_id: int | None = None,
+                 unk_id: int | None = None, extra_ids: int = 0):
+        import tokenizers  # the HF tokenizers library (installed with transformers)
+
+        self.path = str(path)
+        self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
+        self._eos_id = eos_id
+        self._unk_id = unk_id
+        super().__init__(extra_ids=extra_ids)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk_id
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, s: str) -> Sequence[int]:
+        return self._tokenizer.encode(s, add_special_tokens=False).ids
+
+    def _decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        def encode(text):
+            return np.asarray(self._encode(text.numpy().decode("utf-8")), np.int32)
+
+        ids = tf.py_function(encode, [s], tf.int32)
+        ids.set_shape([None])
+        return ids
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        def decode(batch):
+            arr = batch.numpy()
+            rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim else arr.reshape(1, 1)
+            texts = [self._decode([i for i in row if i != self.pad_id]) for row in rows]
+            return np.asarray(texts, object).reshape(arr.shape[:-1])
+
+        out = tf.py_function(decode, [ids], tf.string)
+        out.set_shape(ids.shape[:-1])
+        return out
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, HfTokenizerVocabulary) and self.path == other.path
+                and self.eos_id == other.eos_id and self.extra_ids == other.extra_ids)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.eos_id, self.extra_ids))
+
+
+def hf_tokenizer_file(directory: str | pathlib.Path) -> pathlib.Path | None:
+    """The file `hf_vocabulary` would read in `directory` (None: no usable tokenizer)."""
+    directory = pathlib.Path(directory)
+    for name in (*SENTENCEPIECE_FILES, TOKENIZER_JSON):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+@functools.cache
+def hf_vocabulary(directory: str, extra_ids: int = 0, eos_id: int | None = None
+                  ) -> seqio.Vocabulary:
+    """The vocabulary of a Hugging Face model directory (see the module docstring).
+
+    Args:
+      directory: holds spiece.model / tokenizer.model (preferred) or tokenizer.json.
+      extra_ids: sentinel ids appended after the tokenizer's own (T5: 100).
+      eos_id: EOS for a tokenizer.json (default: its tokenizer_config.json eos_token).
+
+    Raises:
+      FileNotFoundError: when the directory has none of those files.
+    """
+    path = hf_tokenizer_file(directory)
+    if path is None:
+        raise FileNotFoundError(
+            f"no tokenizer in {directory}: expected one of "
+            f"{[*SENTENCEPIECE_FILES, TOKENIZER_JSON]}; set the model's vocabulary to a "
+            f"named one instead, e.g. get_vocabulary({vocabulary_names()[0]!r})")
+    if path.name in SENTENCEPIECE_FILES:
+        return seqio.SentencePieceVocabulary(str(path), extra_ids=extra_ids)
+    if eos_id is None:
+        eos_id = _special_token_id(path, "eos_token")
+    return HfTokenizerVocabulary(path, eos_id=eos_id, extra_ids=extra_ids,
+                                 unk_id=_special_token_id(path, "unk_token"))
+
+
+def _special_token_id(tokenizer_json: pathlib.Path, key: str) -> int | None:
+    """The id of tokenizer_config.json's `key` token (e.g. eos_token), if any."""
+    config = tokenizer_json.parent / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    token = json.loads(config.read_text()).get(key)
+    if isinstance(token, dict):
+        token = token.get("content")
+    if not token:
+        return None
+    import tokenizers
+
+    return tokenizers.Tokenizer.from_file(str(tokenizer_json)).token_to_id(token)
