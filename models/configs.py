@@ -56,6 +56,10 @@ class NetworkConfig:
                 f"mlp_activations {self.mlp_activations} has unknown {unknown}; "
                 f"use names from {sorted(layers.ACTIVATIONS)}"
             )
+        moe = getattr(self, "moe", None)
+        if moe is not None and type(moe).__name__ != "MoeConfig":
+            raise ValueError(f"moe={moe!r} must be a models.moe.MoeConfig (gin: "
+                             "@moe.MoeConfig()) or None (dense)")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
 

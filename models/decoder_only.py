@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models import configs, layers
+from models import moe as moe_lib
 from partitioning import rules
 
 Array = jax.Array
@@ -69,6 +70,7 @@ class DecoderOnlyConfig(configs.NetworkConfig):
     qkv_bias: bool | None = None  # None: as use_bias; True: query/key/value biases (Qwen2)
     tie_embeddings: bool = False  # GPT-2: logits = embedding.attend(x), no scaling
     sliding_window: int | None = None  # query sees the last `sliding_window` tokens
+    moe: moe_lib.MoeConfig | None = None  # sparse MoE feed-forward layers (Mixtral)
     dropout_rate: float = 0.0
     dtype: str = "float32"  # activations, e.g. "bfloat16"
     param_dtype: str = "float32"
@@ -91,6 +93,8 @@ class DecoderOnlyConfig(configs.NetworkConfig):
             )
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta={self.rope_theta} must be > 0, e.g. 10000.0")
+        if self.moe is not None:
+            self.moe.check_causal("DecoderOnlyConfig.moe")
         if self.norm not in NORMS:
             raise ValueError(f"norm={self.norm!r} is not known; use one of {NORMS}")
         if self.sliding_window is not None and (
@@ -131,6 +135,19 @@ PRESETS: dict[str, DecoderOnlyConfig] = {
         _LLAMA, vocab_size=128256, emb_dim=2048, num_heads=32, num_kv_heads=8, head_dim=64,
         mlp_dim=8192, num_layers=16, max_length=131072, rope_theta=500000.0,
         tie_embeddings=True),
+    # This project's own CPU-sized Mixtral: llama_tiny with 8 experts of half its MLP,
+    # top-2, so the active parameters per token equal llama_tiny's (+ the routers).
+    "mixtral_tiny": dataclasses.replace(
+        _LLAMA, vocab_size=8192, emb_dim=256, num_heads=4, num_kv_heads=2, head_dim=64,
+        mlp_dim=384, num_layers=4, max_length=512, dtype="float32",
+        moe=moe_lib.MoeConfig(num_experts=8, num_experts_per_token=2, dispatch="dropless",
+                              load_balance_loss_weight=1e-2, router_z_loss_weight=1e-3)),
+    # Mixtral 8x7B's shape: 46,702,792,704 parameters, 12,879,925,248 active per token.
+    "mixtral_8x7b": dataclasses.replace(
+        _LLAMA, vocab_size=32000, emb_dim=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+        mlp_dim=14336, num_layers=32, max_length=32768, rope_theta=1e6,
+        moe=moe_lib.MoeConfig(num_experts=8, num_experts_per_token=2, dispatch="dropless",
+                              load_balance_loss_weight=1e-3, router_z_loss_weight=0.0)),
     "llama_7b": dataclasses.replace(
         _LLAMA, vocab_size=32000, emb_dim=4096, num_heads=32, head_dim=128, mlp_dim=11008,
         num_layers=32, max_length=4096),
@@ -220,7 +237,7 @@ def _constrain(x: Array) -> Array:
 class DecoderLayer(nnx.Module):
     """Pre-norm causal self-attention block and MLP block."""
 
-    def __init__(self, config: DecoderOnlyConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderOnlyConfig, index: int, *, rngs: nnx.Rngs):
         self.pre_self_attention_layer_norm = _norm(config, rngs)
         self.self_attention = layers.MultiHeadAttention(
             config.emb_dim, config.num_heads, config.head_dim,
@@ -229,20 +246,21 @@ class DecoderLayer(nnx.Module):
             out_kernel_init=_init(config, residual=True), rngs=rngs, **_dense_kwargs(config),
         )
         self.pre_mlp_layer_norm = _norm(config, rngs)
-        self.mlp = layers.MlpBlock(
-            config.emb_dim, config.mlp_dim, activations=config.mlp_activations,
-            dropout_rate=config.dropout_rate, use_bias=config.use_bias,
-            kernel_init=_init(config), out_kernel_init=_init(config, residual=True),
-            rngs=rngs, **_dense_kwargs(config),
+        self.mlp = moe_lib.feed_forward(
+            config.moe, index, f"layers_{index}", config.emb_dim, config.mlp_dim,
+            activations=config.mlp_activations, dropout_rate=config.dropout_rate,
+            use_bias=config.use_bias, kernel_init=_init(config),
+            out_kernel_init=_init(config, residual=True), rngs=rngs, **_dense_kwargs(config),
         )
         self.dropout = _dropout(config)
 
     def __call__(
         self, x: Array, *, mask: Array | None, rope: layers.Rope | None,
         cache: layers.KVCache | None, cache_index: Array | None, deterministic: bool,
-        rngs: nnx.Rngs | None,
+        rngs: nnx.Rngs | None, token_mask: Array | None = None,
     ) -> tuple[Array, layers.KVCache | None]:
-        """[B, T, D] -> ([B, T, D], the updated cache or None)."""
+        """[B, T, D] -> ([B, T, D], the updated cache or None). token_mask [B, T]: real
+        tokens (an MoE block routes padding nowhere)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         h = self.pre_self_attention_layer_norm(x)
         if cache is None:
@@ -251,7 +269,7 @@ class DecoderLayer(nnx.Module):
             y, cache = self.self_attention.cached_self_attention(
                 h, cache, cache_index, mask=mask, rope=rope, **kw)
         x = _constrain(x + self.dropout(y, **kw))
-        y = self.mlp(self.pre_mlp_layer_norm(x), **kw)
+        y = self.mlp(self.pre_mlp_layer_norm(x), token_mask=token_mask, **kw)
         return _constrain(x + self.dropout(y, **kw)), cache
 
 
@@ -278,8 +296,8 @@ class DecoderOnly(nnx.Module):
         else:
             self.position_embedder = nnx.data(None)
         self.input_dropout = _dropout(config)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs)
+                                for i in range(config.num_layers)])
         self.decoder_norm = _norm(config, rngs)
         self.output_dropout = _dropout(config)
         if config.tie_embeddings:
@@ -295,6 +313,7 @@ class DecoderOnly(nnx.Module):
     def _stack(
         self, tokens: Array, positions: Array, mask: Array, caches: tuple | None,
         cache_index: Array | None, deterministic: bool, rngs: nnx.Rngs | None,
+        token_mask: Array | None = None,
     ) -> tuple[Array, tuple[layers.KVCache, ...] | None]:
         """Embeds tokens at positions [T] or [B, T], runs every layer, final norm."""
         cfg = self.config
@@ -309,7 +328,7 @@ class DecoderOnly(nnx.Module):
         new_caches = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, mask=mask, rope=rope, cache=None if caches is None else caches[i],
-                         cache_index=cache_index, **kw)
+                         cache_index=cache_index, token_mask=token_mask, **kw)
             new_caches.append(c)
         x = _constrain(self.output_dropout(self.decoder_norm(x), **kw))
         return x, (None if caches is None else tuple(new_caches))
@@ -337,7 +356,9 @@ class DecoderOnly(nnx.Module):
                               query_segments=segment_ids, key_segments=segment_ids,
                               sliding_window=cfg.sliding_window)  # [B|1, 1, T, T]
         positions = index[0] if positions is None else positions.astype(jnp.int32)
-        x, _ = self._stack(tokens, positions, mask, None, None, deterministic, rngs)
+        token_mask = None if segment_ids is None else segment_ids > 0
+        x, _ = self._stack(tokens, positions, mask, None, None, deterministic, rngs,
+                           token_mask)
         return x
 
     def logits(self, hidden: Array) -> Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models import configs, layers
+from models import moe as moe_lib
 from partitioning import rules
 
 Array = jax.Array
@@ -43,6 +44,7 @@ class T5Config(configs.NetworkConfig):
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    moe: moe_lib.MoeConfig | None = None  # sparse MoE layers in encoder and decoder (Switch)
     dtype: str = "float32"  # activations, e.g. "bfloat16"
     param_dtype: str = "float32"
 
@@ -51,6 +53,8 @@ class T5Config(configs.NetworkConfig):
 
     def __post_init__(self):
         self._check_common()
+        if self.moe is not None:
+            self.moe.check_causal("T5Config.moe (the decoder is causal)")
         buckets = self.relative_attention_num_buckets
         if buckets < 4 or buckets % 2:
             raise ValueError(
@@ -80,6 +84,30 @@ PRESETS: dict[str, T5Config] = {
     "xxl": T5Config(emb_dim=4096, num_heads=64, head_dim=64, mlp_dim=10240,
                     num_encoder_layers=24, num_decoder_layers=24, dtype="bfloat16"),
 }
+
+
+# Switch Transformers (Fedus et al. 2022): T5 with every other feed-forward layer a
+# top-1 MoE. switch_base_8 is google/switch-base-8's shape (T5 1.0 base: ReLU, tied
+# logits, mlp 3072): 619,339,008 parameters, as HF SwitchTransformersForConditionalGeneration.
+_SWITCH_MOE = moe_lib.MoeConfig(
+    num_experts=8, num_experts_per_token=1, renormalize=False, capacity_factor=1.25,
+    eval_capacity_factor=2.0, layer_interval=2, jitter_noise=0.01,
+    load_balance_loss_weight=1e-2, router_z_loss_weight=1e-3)
+SWITCH_PRESETS: dict[str, T5Config] = {
+    # This project's own size: T5 tiny with 8 experts in layer 1 of each stack.
+    "switch_tiny": dataclasses.replace(PRESETS["tiny"], moe=_SWITCH_MOE),
+    "switch_base_8": T5Config(emb_dim=768, num_heads=12, head_dim=64, mlp_dim=3072,
+                              num_encoder_layers=12, num_decoder_layers=12,
+                              mlp_activations=("relu",), logits_via_embedding=True,
+                              moe=_SWITCH_MOE, dtype="bfloat16"),
+}
+
+
+def switch(name: str, **overrides) -> T5Config:
+    """The Switch preset `name` (a key of `SWITCH_PRESETS`) with `overrides`."""
+    if name not in SWITCH_PRESETS:
+        raise ValueError(f"unknown Switch preset {name!r}; use one of {list(SWITCH_PRESETS)}")
+    return dataclasses.replace(SWITCH_PRESETS[name], **overrides)
 
 
 def t5_1_1(size: str, **overrides) -> T5Config:
@@ -136,10 +164,12 @@ def _norm(config: T5Config, rngs: nnx.Rngs) -> layers.RMSNorm:
                           **_dense_kwargs(config))
 
 
-def _mlp(config: T5Config, rngs: nnx.Rngs) -> layers.MlpBlock:
-    return layers.MlpBlock(
-        config.emb_dim, config.mlp_dim, activations=config.mlp_activations,
-        dropout_rate=config.dropout_rate, rngs=rngs, **_dense_kwargs(config),
+def _mlp(config: T5Config, index: int, name: str,
+         rngs: nnx.Rngs) -> layers.MlpBlock | moe_lib.MoeBlock:
+    return moe_lib.feed_forward(
+        config.moe, index, name, config.emb_dim, config.mlp_dim,
+        activations=config.mlp_activations, dropout_rate=config.dropout_rate, rngs=rngs,
+        **_dense_kwargs(config),
     )
 
 
@@ -163,39 +193,41 @@ def _constrain(x: Array) -> Array:
 class EncoderLayer(nnx.Module):
     """Pre-norm self-attention block and MLP block."""
 
-    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, index: int, *, rngs: nnx.Rngs):
         self.pre_attention_layer_norm = _norm(config, rngs)
         self.attention = _attention(config, rngs)
         self.pre_mlp_layer_norm = _norm(config, rngs)
-        self.mlp = _mlp(config, rngs)
+        self.mlp = _mlp(config, index, f"encoder/layers_{index}", rngs)
         self.dropout = _dropout(config)
 
     def __call__(self, x: Array, *, mask: Array | None, bias: Array,
-                 deterministic: bool, rngs: nnx.Rngs | None) -> Array:
-        """[B, S, D] -> [B, S, D]."""
+                 deterministic: bool, rngs: nnx.Rngs | None,
+                 token_mask: Array | None = None) -> Array:
+        """[B, S, D] -> [B, S, D]; token_mask [B, S]: real tokens (for MoE routing)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         y = self.attention(self.pre_attention_layer_norm(x), mask=mask, bias=bias, **kw)
         x = _constrain(x + self.dropout(y, **kw))
-        y = self.mlp(self.pre_mlp_layer_norm(x), **kw)
+        y = self.mlp(self.pre_mlp_layer_norm(x), token_mask=token_mask, **kw)
         return _constrain(x + self.dropout(y, **kw))
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm causal self-attention, cross-attention and MLP blocks."""
 
-    def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
+    def __init__(self, config: T5Config, index: int, *, rngs: nnx.Rngs):
         self.pre_self_attention_layer_norm = _norm(config, rngs)
         self.self_attention = _attention(config, rngs)
         self.pre_cross_attention_layer_norm = _norm(config, rngs)
         self.encoder_decoder_attention = _attention(config, rngs)
         self.pre_mlp_layer_norm = _norm(config, rngs)
-        self.mlp = _mlp(config, rngs)
+        self.mlp = _mlp(config, index, f"decoder/layers_{index}", rngs)
         self.dropout = _dropout(config)
 
     def __call__(
         self, x: Array, cross_kv: layers.KVCache, *, self_mask: Array | None,
         cross_mask: Array | None, bias: Array, self_cache: layers.KVCache | None,
         cache_index: Array | None, deterministic: bool, rngs: nnx.Rngs | None,
+        token_mask: Array | None = None,
     ) -> tuple[Array, layers.KVCache | None]:
         """[B, T, D] -> ([B, T, D], updated self-attention cache or None)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
@@ -209,7 +241,7 @@ class DecoderLayer(nnx.Module):
         h = self.pre_cross_attention_layer_norm(x)
         y = self.encoder_decoder_attention.attend(h, cross_kv, mask=cross_mask, **kw)
         x = _constrain(x + self.dropout(y, **kw))
-        y = self.mlp(self.pre_mlp_layer_norm(x), **kw)
+        y = self.mlp(self.pre_mlp_layer_norm(x), token_mask=token_mask, **kw)
         return _constrain(x + self.dropout(y, **kw)), self_cache
 
 
@@ -219,18 +251,19 @@ class Encoder(nnx.Module):
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relpos_bias = _relpos(config, bidirectional=True, rngs=rngs)
         self.input_dropout = _dropout(config)
-        self.layers = nnx.List([EncoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_encoder_layers)])
+        self.layers = nnx.List([EncoderLayer(config, i, rngs=rngs)
+                                for i in range(config.num_encoder_layers)])
         self.encoder_norm = _norm(config, rngs)
         self.output_dropout = _dropout(config, broadcast_length=False)
 
     def __call__(self, x: Array, *, mask: Array | None, positions: Array,
-                 deterministic: bool, rngs: nnx.Rngs | None) -> Array:
+                 deterministic: bool, rngs: nnx.Rngs | None,
+                 token_mask: Array | None = None) -> Array:
         kw = {"deterministic": deterministic, "rngs": rngs}
         bias = self.relpos_bias(positions, positions)  # [B|1, N, S, S], once per stack
         x = _constrain(self.input_dropout(x, **kw))
         for layer in self.layers:
-            x = layer(x, mask=mask, bias=bias, **kw)
+            x = layer(x, mask=mask, bias=bias, token_mask=token_mask, **kw)
         return _constrain(self.output_dropout(self.encoder_norm(x), **kw))
 
 
@@ -240,8 +273,8 @@ class Decoder(nnx.Module):
     def __init__(self, config: T5Config, *, rngs: nnx.Rngs):
         self.relpos_bias = _relpos(config, bidirectional=False, rngs=rngs)
         self.input_dropout = _dropout(config)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_decoder_layers)])
+        self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs)
+                                for i in range(config.num_decoder_layers)])
         self.decoder_norm = _norm(config, rngs)
         self.output_dropout = _dropout(config)
 
@@ -249,7 +282,7 @@ class Decoder(nnx.Module):
         self, y: Array, cross_kv: tuple[layers.KVCache, ...], *, self_mask: Array | None,
         cross_mask: Array | None, query_positions: Array, key_positions: Array,
         self_cache: tuple[layers.KVCache, ...] | None, cache_index: Array | None,
-        deterministic: bool, rngs: nnx.Rngs | None,
+        deterministic: bool, rngs: nnx.Rngs | None, token_mask: Array | None = None,
     ) -> tuple[Array, tuple[layers.KVCache, ...] | None]:
         kw = {"deterministic": deterministic, "rngs": rngs}
         bias = self.relpos_bias(query_positions, key_positions)  # [B|1, N, T, S|L]
@@ -258,7 +291,7 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             y, c = layer(y, cross_kv[i], self_mask=self_mask, cross_mask=cross_mask,
                          bias=bias, self_cache=None if self_cache is None else self_cache[i],
-                         cache_index=cache_index, **kw)
+                         cache_index=cache_index, token_mask=token_mask, **kw)
             new_cache.append(c)
         y = _constrain(self.output_dropout(self.decoder_norm(y), **kw))
         return y, (None if self_cache is None else tuple(new_cache))
@@ -322,7 +355,7 @@ class EncoderDecoder(nnx.Module):
             encoder_positions = _default_positions(encoder_input_tokens)
         x = self.token_embedder(encoder_input_tokens)
         return self.encoder(x, mask=mask, positions=encoder_positions,
-                            deterministic=deterministic, rngs=rngs)
+                            deterministic=deterministic, rngs=rngs, token_mask=valid)
 
     def _logits(self, y: Array) -> Array:
         if self.logits_dense is None:
@@ -367,7 +400,8 @@ class EncoderDecoder(nnx.Module):
             y, _ = self.decoder(y, cross_kv, self_mask=self_mask, cross_mask=cross_mask,
                                 query_positions=decoder_positions,
                                 key_positions=decoder_positions, self_cache=None,
-                                cache_index=None, **kw)
+                                cache_index=None, token_mask=None if decoder_segment_ids
+                                is None else decoder_segment_ids > 0, **kw)
             return self._logits(y), None
 
         if decoder_segment_ids is not None or decoder_positions is not None:

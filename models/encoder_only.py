@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import configs, layers
+from models import moe as moe_lib
 from partitioning import rules
 
 Array = jax.Array
@@ -48,6 +49,7 @@ class EncoderOnlyConfig(configs.NetworkConfig):
     dropout_rate: float = 0.1  # hidden and attention-probability dropout
     num_classes: int = 0  # > 0: pooler + classifier of that many classes
     mlm_head: bool = True  # masked-LM head with the output tied to the token embedding
+    moe: moe_lib.MoeConfig | None = None  # sparse MoE layers (expert choice allowed here)
     dtype: str = "float32"  # activations, e.g. "bfloat16"
     param_dtype: str = "float32"
 
@@ -137,7 +139,7 @@ class Embeddings(nnx.Module):
 class EncoderLayer(nnx.Module):
     """Post-LN block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
 
-    def __init__(self, config: EncoderOnlyConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: EncoderOnlyConfig, index: int, *, rngs: nnx.Rngs):
         self.attention = layers.MultiHeadAttention(
             config.emb_dim, config.num_heads, config.head_dim,
             dropout_rate=config.dropout_rate, use_bias=True, scale_in_query_init=False,
@@ -145,20 +147,21 @@ class EncoderLayer(nnx.Module):
         )
         self.post_attention_layer_norm = _norm(config, rngs)
         # BERT has no dropout inside the MLP; it drops the block's output (self.dropout).
-        self.mlp = layers.MlpBlock(
-            config.emb_dim, config.mlp_dim, activations=config.mlp_activations,
-            dropout_rate=0.0, use_bias=True, kernel_init=_init, rngs=rngs, **_dtypes(config),
+        self.mlp = moe_lib.feed_forward(
+            config.moe, index, f"layers_{index}", config.emb_dim, config.mlp_dim,
+            activations=config.mlp_activations, dropout_rate=0.0, use_bias=True,
+            kernel_init=_init, rngs=rngs, **_dtypes(config),
         )
         self.post_mlp_layer_norm = _norm(config, rngs)
         self.dropout = _dropout(config)
 
     def __call__(self, x: Array, *, mask: Array | None, deterministic: bool,
-                 rngs: nnx.Rngs | None) -> Array:
-        """[B, T, D] -> [B, T, D]."""
+                 rngs: nnx.Rngs | None, token_mask: Array | None = None) -> Array:
+        """[B, T, D] -> [B, T, D]; token_mask [B, T]: real tokens (for MoE routing)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         y = self.attention(x, mask=mask, **kw)
         x = _constrain(self.post_attention_layer_norm(x + self.dropout(y, **kw)))
-        y = self.mlp(x, **kw)
+        y = self.mlp(x, token_mask=token_mask, **kw)
         return _constrain(self.post_mlp_layer_norm(x + self.dropout(y, **kw)))
 
 
@@ -224,8 +227,8 @@ class EncoderOnly(nnx.Module):
     def __init__(self, config: EncoderOnlyConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embeddings = Embeddings(config, rngs=rngs)
-        self.layers = nnx.List([EncoderLayer(config, rngs=rngs)
-                                for _ in range(config.num_layers)])
+        self.layers = nnx.List([EncoderLayer(config, i, rngs=rngs)
+                                for i in range(config.num_layers)])
         self.mlm = MlmHead(config, rngs=rngs) if config.mlm_head else nnx.data(None)
         self.classifier_head = (ClassifierHead(config, rngs=rngs) if config.num_classes
                                 else nnx.data(None))
@@ -264,7 +267,7 @@ class EncoderOnly(nnx.Module):
         kw = {"deterministic": deterministic, "rngs": rngs}
         x = self.embeddings(tokens, token_type_ids=token_type_ids, positions=positions, **kw)
         for layer in self.layers:
-            x = layer(x, mask=mask, **kw)
+            x = layer(x, mask=mask, token_mask=tokens > 0, **kw)
         return x
 
     def _require_mlm_head(self) -> None:

@@ -796,9 +796,12 @@ class MlpBlock(nnx.Module):
         return tuple(f"wi_{i}" for i in range(len(self.activations)))
 
     def __call__(
-        self, x: Array, *, deterministic: bool = True, rngs: nnx.Rngs | None = None
+        self, x: Array, *, token_mask: Array | None = None, deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
     ) -> Array:
-        """[..., D] -> [..., D]."""
+        """[..., D] -> [..., D]. `token_mask` is ignored (every token is treated alike); it
+        is accepted so that a `moe.MoeBlock` can stand in for this block."""
+        del token_mask
         h = None
         for name, act in zip(self.input_names, self.activations):
             y = get_activation(act)(getattr(self, name)(x))  # [..., F]

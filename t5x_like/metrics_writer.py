@@ -73,7 +73,8 @@ class MetricsWriter:
                 eta = (time.time() - self._t0) / done * (self.total_steps - step)
                 parts.append(f"eta {eta:6.0f}s")
         for k, v in values.items():
-            parts.append(f"{k} {v:.4g}")
+            if "/" not in k:  # per-layer details ('moe/decoder/layers_1/...') go to TB only
+                parts.append(f"{k} {v:.4g}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
     def close(self) -> None:

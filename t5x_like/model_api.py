@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 from flax import nnx
 
-from models import decoder_only, encoder_decoder, encoder_only
+from models import decoder_only, encoder_decoder, encoder_only, moe
 from t5x_like import decoding, losses
 
 Batch = Mapping[str, jax.Array]
@@ -149,19 +149,30 @@ class BaseModel:
         """Summed (not yet normalised) loss terms and counts of one (micro)batch.
 
         Sums, not means, so that microbatches add up to exactly the full batch; the
-        trainer divides by `LossConfig.denominator` of the global token count.
+        trainer divides by `LossConfig.denominator` of the global token count. With MoE
+        layers, `loss_sum` includes their weighted auxiliary losses (`moe_aux_loss_sum`)
+        and 'moe/<layer>/...' sums carry each layer's statistics (`models.moe`).
         """
-        logits = self._logits(network, batch, deterministic=deterministic, rngs=rngs)
+        with moe.collect() as moe_stats:
+            logits = self._logits(network, batch, deterministic=deterministic, rngs=rngs)
         targets, weights = self._targets_and_weights(batch)
         token_loss, token_z = losses.cross_entropy_with_z_loss(
             logits, targets, z_loss=self.loss.z_loss, label_smoothing=self.loss.label_smoothing
         )
-        return {
+        sums = {
             "loss_sum": jnp.sum(token_loss * weights),
             "z_loss_sum": jnp.sum(token_z * weights),
             "correct_sum": jnp.sum(_token_accuracy(logits, targets) * weights),
             "num_tokens": jnp.sum(weights),
         }
+        if moe_stats.layers:
+            # MoE auxiliary losses (already weighted, summed over layers) count once per
+            # target token, so they average over microbatches like the cross entropy.
+            aux = sum(s["aux_loss"] for s in moe_stats.layers.values())
+            sums["moe_aux_loss_sum"] = aux * sums["num_tokens"]
+            sums["loss_sum"] = sums["loss_sum"] + sums["moe_aux_loss_sum"]
+            sums.update(moe.stats_sums(moe_stats))
+        return sums
 
     def metrics_from_sums(self, sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """Loss terms from summed ones: `loss` and `z_loss` are divided by the loss
@@ -169,13 +180,18 @@ class BaseModel:
         `accuracy` are always per real target token."""
         denom = self.loss.denominator(sums["num_tokens"])
         tokens = jnp.maximum(sums["num_tokens"], 1.0)
-        return {
+        aux = sums.get("moe_aux_loss_sum", 0.0)
+        metrics = {
             "loss": sums["loss_sum"] / denom,
             "z_loss": sums["z_loss_sum"] / denom,
-            "cross_entropy": (sums["loss_sum"] - sums["z_loss_sum"]) / tokens,
+            "cross_entropy": (sums["loss_sum"] - sums["z_loss_sum"] - aux) / tokens,
             "accuracy": sums["correct_sum"] / tokens,
             "num_tokens": sums["num_tokens"],
         }
+        if "moe_aux_loss_sum" in sums:
+            metrics["moe_aux_loss"] = aux / denom
+            metrics.update(moe.metrics_from_stats_sums(sums))
+        return metrics
 
     # --- scoring ----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from models import moe
 from partitioning import mesh as mesh_lib
 from partitioning import rules as rules_lib
 from partitioning.partitioner import Partitioner
@@ -61,9 +62,20 @@ class Runtime:
         """Parameters of a checkpoint, read straight into this mesh's shardings."""
         return checkpoints.restore_params(checkpoint_path, self.abstract_params())
 
-    def init_params_from(self, checkpoint_path: str | os.PathLike[str], seed: int = 0) -> PyTree:
+    def init_params_from(self, checkpoint_path: str | os.PathLike[str], seed: int = 0, *,
+                         upcycle: bool = False) -> PyTree:
         """Fine-tuning start: every parameter the checkpoint holds (same name and shape),
-        fresh initialisation (from `seed`) for the rest, e.g. a new classifier head."""
+        fresh initialisation (from `seed`) for the rest, e.g. a new classifier head.
+
+        `upcycle=True` (sparse upcycling): the checkpoint is the dense version of this MoE
+        network; each expert starts as a copy of its layer's dense MLP, routers fresh.
+        """
+        if upcycle:
+            dense = checkpoints.restore_params(
+                checkpoint_path, moe.dense_counterpart(self.abstract_params()),
+                allow_missing=True)
+            return jax.device_put(moe.upcycle(dense, self.init_params(seed)),
+                                  self.param_shardings)
         restored = checkpoints.restore_params(checkpoint_path, self.abstract_params(),
                                               allow_missing=True)
         def overlay(fresh, loaded):

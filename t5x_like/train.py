@@ -195,13 +195,13 @@ def _warn_about_data_position(cfg: input_pipeline.DatasetConfig, data_state: dic
 
 def _restore_or_init(
     checkpointer: checkpoints.Checkpointer, runtime: Runtime, trainer: Trainer, seed: int,
-    init_checkpoint: str | None = None,
+    init_checkpoint: str | None = None, upcycle: bool = False,
 ) -> tuple[TrainState, dict]:
     latest = checkpointer.latest_step()
     if latest is None and init_checkpoint:
         logging.info("no checkpoint in %s: fine-tuning from %s", checkpointer.directory,
                      init_checkpoint)
-        params = runtime.init_params_from(init_checkpoint, seed)
+        params = runtime.init_params_from(init_checkpoint, seed, upcycle=upcycle)
         return trainer.init_state(params), {"position": 0}
     if latest is None:
         logging.info("no checkpoint in %s: initialising from seed %d", checkpointer.directory, seed)
@@ -223,6 +223,7 @@ def train(
     num_microbatches: int = 1,
     seed: int = 0,
     init_checkpoint: str | None = None,
+    upcycle: bool = False,
     log_every: int = 10,
     checkpoint_every: int = 100,
     keep_checkpoints: int | None = 3,
@@ -242,7 +243,8 @@ def train(
     `init_checkpoint` (fine-tuning): when MODEL_DIR has no checkpoint yet, start from
     the parameters of that checkpoint (a step or checkpoints directory) instead of a
     fresh initialisation; parameters it lacks (a new head) are initialised from `seed`,
-    and the optimizer state and step start fresh.
+    and the optimizer state and step start fresh. `upcycle=True`: `init_checkpoint` is a
+    dense model and this one its MoE version (sparse upcycling, see `models.moe.upcycle`).
     `sample_decode` (an `infer.DecodeConfig`) sets how samples are decoded, e.g. a
     decoder-only LM continuing the first `prompt_length` tokens; default greedy.
     `stop_after_steps` stops early (after that step is saved) without changing the
@@ -278,7 +280,7 @@ def train(
         )
         cleanup.callback(checkpointer.close)  # waits for pending async saves
         state, data_state = _restore_or_init(checkpointer, runtime, trainer, seed,
-                                             init_checkpoint)
+                                             init_checkpoint, upcycle)
         start_step = int(jax.device_get(state.step))
         _warn_about_data_position(train_dataset_cfg, data_state)
 

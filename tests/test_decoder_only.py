@@ -217,7 +217,12 @@ def _formula_count(cfg: do.DecoderOnlyConfig) -> int:
     norm = d * (2 if cfg.norm == "layernorm" and bias else 1)
     count = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     count += cfg.max_length * d if cfg.position_embedding == "learned" else 0
-    return count + cfg.num_layers * (attention + mlp + 2 * norm) + norm
+    for i in range(cfg.num_layers):
+        sparse = cfg.moe is not None and cfg.moe.is_sparse(i)
+        # An MoE layer: E expert MLPs and a [D, E] router.
+        ffn = cfg.moe.num_experts * (mlp + d) if sparse else mlp
+        count += attention + ffn + 2 * norm
+    return count + norm
 
 
 @pytest.mark.parametrize("name", list(do.PRESETS))
