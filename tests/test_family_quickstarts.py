@@ -70,3 +70,32 @@ def test_bert_mlm_then_play_classifier_fine_tuning_and_eval(tmp_path):
     metrics = json.loads((cls_dir / "eval_metrics.json").read_text())
     task = metrics["shakespeare_play_classification"]
     assert task["num_examples"] == 40 and 0.0 <= task["accuracy"] <= 100.0
+
+
+def test_dense_llama_upcycled_into_the_mixtral_quickstart_on_an_expert_mesh(tmp_path):
+    dense_dir, moe_dir = tmp_path / "llama", tmp_path / "mixtral"
+    main.main(["--gin_file=experiments/quickstart_llama.gin", f"--gin.MODEL_DIR={dense_dir}",
+               "--gin.TRAIN_STEPS=30", "--gin.train.train.checkpoint_every=30",
+               "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", *SHORT])
+    dense_losses = _train_losses(dense_dir)
+    gin.clear_config(clear_constants=True)
+    # Sparse upcycling: every expert starts as its layer's dense MLP (so experts as wide
+    # as llama_tiny's MLP, not mixtral_tiny's half width), on 2 expert shards.
+    main.main(["--gin_file=experiments/quickstart_mixtral.gin",
+               "--gin_file=gin/partitioning/ep.gin", f"--gin.MODEL_DIR={moe_dir}",
+               "--gin.decoder_only.DecoderOnlyConfig.mlp_dim=768",
+               f"--gin.train.train.init_checkpoint='{dense_dir}/checkpoints'",
+               "--gin.train.train.upcycle=True", "--gin.TRAIN_STEPS=10",
+               "--gin.train.train.checkpoint_every=10",
+               "--gin.TASK_FEATURE_LENGTHS={'targets': 64}", *SHORT,
+               "--gin.optimizers.warmup_cosine.warmup_steps=2"])
+    records = [r for r in read_metrics(moe_dir) if r["split"] == "train"]
+    # It starts where the dense model ended, not from a fresh 9.0.
+    assert records[0]["cross_entropy"] < dense_losses[0] * 0.8, (records[0], dense_losses)
+    for layer in range(4):
+        loads = [records[-1][f"moe/layers_{layer}/expert_load/{e}"] for e in range(8)]
+        assert abs(sum(loads) - 1.0) < 1e-4
+        assert records[-1][f"moe/layers_{layer}/dropped_fraction"] == 0.0  # dropless
+    assert records[-1]["moe_aux_loss"] > 0
+    info = (moe_dir / "model-info.txt").read_text()
+    assert "'expert': 2" in info
