@@ -69,12 +69,16 @@ def _configs():
         "llama": (t.LlamaForCausalLM, t.LlamaConfig(rope_theta=500.0, **_LLAMA)),
         "mistral": (t.MistralForCausalLM, t.MistralConfig(sliding_window=4, **_LLAMA)),
         "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config(tie_word_embeddings=True, **_LLAMA)),
+        # 4 experts, top-2, every layer sparse; a window too (Mixtral's attention is Mistral's).
+        "mixtral": (t.MixtralForCausalLM, t.MixtralConfig(
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+            router_aux_loss_coef=0.02, **_LLAMA)),
         "bert_mlm": (t.BertForMaskedLM, t.BertConfig(**_BERT)),
         "bert_cls": (t.BertForSequenceClassification, t.BertConfig(num_labels=3, **_BERT)),
     }
 
 
-DECODER_ONLY = ("gpt2", "llama", "mistral", "qwen2")
+DECODER_ONLY = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
 
 
 def _randomize(hf, name: str) -> None:
@@ -87,8 +91,8 @@ def _randomize(hf, name: str) -> None:
                 p.normal_(0.0, 0.1)
             elif "embed" in pname or "wte" in pname or "wpe" in pname or "shared" in pname:
                 p.normal_(0.0, 1.0)
-            else:  # GPT-2's Conv1D is [in, out], torch Linear [out, in]
-                fan_in = p.shape[0] if name == "gpt2" else p.shape[1]
+            else:  # GPT-2's Conv1D is [in, out], torch Linear [out, in] (+ experts [E, ...])
+                fan_in = p.shape[0] if name == "gpt2" else p.shape[-1]
                 p.normal_(0.0, fan_in**-0.5)
 
 
@@ -220,7 +224,7 @@ def test_imported_cached_greedy_decoding_matches_generate(name, hf_dirs, importe
     hf, _ = hf_dirs[name]
     model, params = imported[name]
     net = convert.network(model.config, params)
-    lengths, new = np.array([7, 3, 5]), 10  # past the sliding window (4)
+    lengths, new = np.array([7, 3, 5]), 10  # past the sliding windows (4, 6)
     right, _ = _tokens(96, lengths, 7, seed=2)
     left = np.full_like(right, PAD)
     for r, n in enumerate(lengths):
@@ -488,3 +492,114 @@ def test_stacked_parts_stream_and_write_back(tmp_path):
         np.testing.assert_array_equal(np.asarray(params["wi"]), want)
     hf_io.write_params(layout, params, target, tmp_path / "out")
     jax.tree.map(np.testing.assert_array_equal, _tensors(tmp_path / "out"), hf)
+
+
+# --- Mixtral (sparse MoE) -----------------------------------------------------------------
+
+
+def test_mixtral_config_is_dropless_renormalised_top_k(hf_dirs, imported, tmp_path):
+    """HF's routing as our MoeConfig, and the test model really uses every expert."""
+    from models.moe import MoeConfig
+
+    model, _ = imported["mixtral"]
+    # HF's router_aux_loss_coef scales one loss pooled over the layers that is k at
+    # uniform routing; ours is 1 per layer, summed: weight = coef * k / layers.
+    assert model.config.moe == MoeConfig(
+        num_experts=4, num_experts_per_token=2, routing="token_choice", renormalize=True,
+        dispatch="dropless", load_balance_loss_weight=0.02 * 2 / 2, router_z_loss_weight=0.0)
+    assert model.config.sliding_window == 6 and model.config.kv_heads == 2
+    deeper = convert.read_hf_config(_copy(hf_dirs["mixtral"][1], tmp_path / "d",
+                                          num_hidden_layers=8, num_experts_per_tok=3))
+    assert deeper.config.moe.load_balance_loss_weight == pytest.approx(0.02 * 3 / 8)
+    exported = convert.architectures.MIXTRAL.config_to_hf(deeper.config, "MixtralForCausalLM")
+    assert exported["router_aux_loss_coef"] == pytest.approx(0.02)
+    hf, _ = hf_dirs["mixtral"]
+    tokens, _ = _tokens(96, [20, 13, 6], 20)
+    with torch.no_grad():
+        routers = hf(input_ids=_torch(tokens), output_router_logits=True).router_logits
+    for layer in routers:  # [B * T, E]: every expert is some token's top-2 choice
+        assert set(layer.topk(2, dim=-1).indices.flatten().tolist()) == {0, 1, 2, 3}
+
+
+@pytest.fixture(scope="module")
+def mixtral_fused(hf_dirs, tmp_path_factory):
+    """The test Mixtral in transformers >= 5's in-memory (fused experts) tensor names."""
+    from safetensors.torch import save_file as torch_save_file
+
+    hf, src = hf_dirs["mixtral"]
+    d = tmp_path_factory.mktemp("mixtral_fused")
+    shutil.copyfile(src / "config.json", d / "config.json")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 96, 32)  # [E, 2F, D]
+    torch_save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_mixtral_fused_expert_layout_imports_and_writes_the_same(
+        hf_dirs, imported, mixtral_fused, tmp_path):
+    """Hub layout (per-expert w1/w2/w3, what save_pretrained writes) and the fused one
+    (gate_up_proj [E, 2F, D], down_proj [E, D, F]) give the same parameters; writing the
+    fused table reproduces transformers' own fused tensors bit for bit."""
+    hub = _tensors(hf_dirs["mixtral"][1])
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in hub
+    model, params = imported["mixtral"]
+    _, fused_params = convert.load_hf(mixtral_fused)
+    jax.tree.map(np.testing.assert_array_equal, fused_params, params)
+    fused_layout = convert.architectures.MIXTRAL.layout(model.config).alternatives[0]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    hf_io.write_params(fused_layout, params, abstract, tmp_path)
+    want = _tensors(mixtral_fused)
+    got = _tensors(tmp_path)
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["hub", "fused"])
+def test_mixtral_streams_into_an_expert_sharded_mesh(layout, hf_dirs, imported, mixtral_fused):
+    """expert=2 x fsdp=2 x model=2: expert kernels [E, D, F] split on all three axes land
+    in their target shardings with the one-device values, from either layout."""
+    partitioner = Partitioner(make_mesh(MeshConfig(data=1, fsdp=2, expert=2, model=2)),
+                              "fsdp_tp")
+    src = hf_dirs["mixtral"][1] if layout == "hub" else mixtral_fused
+    model, params = convert.load_hf(src, partitioner=partitioner)
+    target = convert.abstract_params(model.config, partitioner)
+    jax.tree.map(lambda p, t: (p.shape, p.sharding) == (t.shape, t.sharding) or pytest.fail(
+        f"{p.shape} {p.sharding} != {t.shape} {t.sharding}"), params, target)
+    wi_0 = params["layers"][1]["mlp"]["experts"]["wi_0"]["kernel"]
+    assert len({tuple((i.start, i.stop) for i in s.index)
+                for s in wi_0.addressable_shards}) == 8  # 8 distinct blocks
+    jax.tree.map(np.testing.assert_array_equal, params, imported["mixtral"][1])
+
+
+def test_mixtral_model_gin_rebuilds_the_config(hf_dirs, imported, tmp_path):
+    """--from_hf writes `moe = @moe.MoeConfig()` and its bindings; gin gives back the
+    imported config, and the MoE config picks the Mixtral entry (never Llama) on export."""
+    model, _ = imported["mixtral"]
+    gin_path = convert.convert_hf_to_model_dir(hf_dirs["mixtral"][1], tmp_path / "model")
+    assert "moe = @moe.MoeConfig()" in gin_path.read_text()
+    assert convert_cli._network_config([str(gin_path)], []) == model.config
+    assert convert.registry.for_config(model.config).name == "mixtral"
+    with pytest.raises(convert.ConversionError, match="architecture 'llama' cannot represent"):
+        convert.save_hf(model.config, imported["mixtral"][1], tmp_path / "x",
+                        architecture="llama")
+
+
+def test_mixtral_unrepresentable_values_are_named(hf_dirs, imported, tmp_path):
+    import dataclasses
+
+    src = hf_dirs["mixtral"][1]
+    with pytest.raises(convert.ConversionError, match="num_experts_per_tok=1 is not supported"):
+        convert.read_hf_config(_copy(src, tmp_path / "a", num_experts_per_tok=1))
+    with pytest.raises(convert.ConversionError, match=r"router_jitter_noise=0\.1 is not supported"):
+        convert.read_hf_config(_copy(src, tmp_path / "b", router_jitter_noise=0.1))
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
+    with pytest.raises(convert.ConversionError, match="rope_scaling type 'yarn'"):
+        convert.read_hf_config(_copy(src, tmp_path / "c", rope_parameters=rope))
+    model, params = imported["mixtral"]
+    capacity = dataclasses.replace(model.config, moe=dataclasses.replace(
+        model.config.moe, dispatch="capacity"))
+    with pytest.raises(convert.ConversionError,
+                       match=r"MoeConfig.dispatch='capacity' has no Hugging Face Mixtral.*"
+                             r"set dispatch='dropless'"):
+        convert.save_hf(capacity, params, tmp_path / "out")

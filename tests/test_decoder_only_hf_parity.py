@@ -2,11 +2,12 @@
 
 Small random `GPT2LMHeadModel` (tied, learned positions, biases, GELU tanh),
 `LlamaForCausalLM` (GQA 4/2 heads, untied, RoPE theta 500) and `MistralForCausalLM`
-(Llama + sliding window 4) are built from configs (no hub, no download) and copied into
-our `DecoderOnly`. Teacher-forced logits must agree to 1e-4 in float32 with right
-padding; our KV-cached greedy decoding (one padded prefill, `rewind` to each prompt's
-length, then one token per step) must emit the tokens of HF's `generate` on the same
-prompts left-padded, with the same logits at every step.
+(Llama + sliding window 4) are built from configs (no hub, no download), saved as
+safetensors and imported into our `DecoderOnly` by `t5x_like.convert`. Teacher-forced
+logits must agree to 1e-4 in float32 with right padding; our KV-cached greedy decoding
+(one padded prefill, `rewind` to each prompt's length, then one token per step) must emit
+the tokens of HF's `generate` on the same prompts left-padded, with the same logits at
+every step.
 
 HF initialises weights with stddev 0.02 and norms to 1, which gives nearly uniform
 attention and flat logits; the models here are redrawn at unit scale (`_hf_model`) so
@@ -21,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_weights import WeightCopier
 
 from models import decoder_only as do
+from t5x_like import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -86,71 +87,23 @@ def _hf_model(name: str, cfg: do.DecoderOnlyConfig, seed: int):
     return hf
 
 
-def _from_hf(hf_state: dict, name: str, cfg: do.DecoderOnlyConfig) -> do.DecoderOnly:
-    """Our network holding the weights of an HF state dict.
-
-    torch Linear weights are [out, in], GPT-2's Conv1D ones [in, out]; our kernels are
-    [in..., out...]. The network is built abstract (no init) and every parameter is
-    filled from HF with its shape checked; a parameter left out on either side fails.
-    """
-    net = nnx.eval_shape(lambda: do.DecoderOnly(cfg, rngs=nnx.Rngs(0)))
-    d, n, k, h = cfg.emb_dim, cfg.num_heads, cfg.kv_heads, cfg.head_dim
-    weights = WeightCopier(hf_state)
-    put = weights.put
-
-    def norm(ours, key):
-        put(ours.scale, key + ".weight")
-        if getattr(ours, "bias", None) is not None:  # LayerNorm with a bias
-            put(ours.bias, key + ".bias")
-
-    if name == "gpt2":
-        put(net.token_embedder.embedding, "transformer.wte.weight")
-        put(net.position_embedder.embedding, "transformer.wpe.weight")
-        for i, layer in enumerate(net.layers):
-            p, attn, mlp = f"transformer.h.{i}.", layer.self_attention, layer.mlp
-            norm(layer.pre_self_attention_layer_norm, p + "ln_1")
-            for j, ours in enumerate((attn.query, attn.key, attn.value)):  # c_attn = [q|k|v]
-                put(ours.kernel, p + "attn.c_attn.weight",
-                    lambda w, j=j: w[:, j * d:(j + 1) * d].reshape(d, n, h))
-                put(ours.bias, p + "attn.c_attn.bias",
-                    lambda b, j=j: b[j * d:(j + 1) * d].reshape(n, h))
-            put(attn.out.kernel, p + "attn.c_proj.weight", lambda w: w.reshape(n, h, d))
-            put(attn.out.bias, p + "attn.c_proj.bias")
-            norm(layer.pre_mlp_layer_norm, p + "ln_2")
-            put(mlp.wi.kernel, p + "mlp.c_fc.weight")
-            put(mlp.wi.bias, p + "mlp.c_fc.bias")
-            put(mlp.wo.kernel, p + "mlp.c_proj.weight")
-            put(mlp.wo.bias, p + "mlp.c_proj.bias")
-        norm(net.decoder_norm, "transformer.ln_f")
-        weights.tied("lm_head.weight", "transformer.wte.weight",
-                     "GPT-2's lm_head must be the embedding")
-    else:
-        put(net.token_embedder.embedding, "model.embed_tokens.weight")
-        for i, layer in enumerate(net.layers):
-            p, attn, mlp = f"model.layers.{i}.", layer.self_attention, layer.mlp
-            norm(layer.pre_self_attention_layer_norm, p + "input_layernorm")
-            put(attn.query.kernel, p + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h))
-            put(attn.key.kernel, p + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h))
-            put(attn.value.kernel, p + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h))
-            put(attn.out.kernel, p + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d))
-            norm(layer.pre_mlp_layer_norm, p + "post_attention_layernorm")
-            put(mlp.wi_0.kernel, p + "mlp.gate_proj.weight", np.transpose)  # silu
-            put(mlp.wi_1.kernel, p + "mlp.up_proj.weight", np.transpose)  # linear
-            put(mlp.wo.kernel, p + "mlp.down_proj.weight", np.transpose)
-        norm(net.decoder_norm, "model.norm")
-        put(net.logits_dense.kernel, "lm_head.weight", np.transpose)
-
-    weights.check_complete(net)
-    return net
+def _from_hf(hf, cfg: do.DecoderOnlyConfig, directory) -> do.DecoderOnly:
+    """Our network holding an HF model's weights, read by the converter
+    (`save_pretrained` safetensors -> `t5x_like.convert.load_hf`), whose config must be
+    `cfg`: every tensor is checked for shape, and one left out on either side fails."""
+    hf.save_pretrained(directory)
+    model, params = convert.load_hf(directory)
+    assert model.config == cfg, (model.config, cfg)
+    return convert.network(cfg, params)
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def models(request):
+def models(request, tmp_path_factory):
     """(name, our network, HF model) with identical random weights."""
     name = request.param
     cfg = VARIANTS[name]
     hf = _hf_model(name, cfg, seed=3)
-    return name, _from_hf(hf.state_dict(), name, cfg), hf
+    return name, _from_hf(hf, cfg, tmp_path_factory.mktemp(name)), hf
 
 
 def _torch(x: np.ndarray):

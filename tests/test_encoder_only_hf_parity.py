@@ -1,10 +1,10 @@
 """Numerical parity with Hugging Face transformers' BERT (PyTorch), built from configs.
 
 Small random `BertForMaskedLM` and `BertForSequenceClassification` models (no hub, no
-download) are copied into our `EncoderOnly`. Hidden states, MLM logits and class logits
-must agree to 1e-4 in float32, with padding (HF's attention mask = our token id 0) and
-two token types. Every position is compared, padding included: both mask padding as a
-key only.
+download) are saved as safetensors and imported into our `EncoderOnly` by
+`t5x_like.convert`. Hidden states, MLM logits and class logits must agree to 1e-4 in
+float32, with padding (HF's attention mask = our token id 0) and two token types. Every
+position is compared, padding included: both mask padding as a key only.
 
 HF initialises biases to 0 and LayerNorm scales to 1, which would hide a mix-up of biases
 or norms, so those are randomised; weights use a larger initializer_range than BERT's
@@ -19,10 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_weights import WeightCopier
 
 from models import encoder_only as eo
-from models import layers
+from t5x_like import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -70,57 +69,14 @@ def _hf_model(cfg: eo.EncoderOnlyConfig, seed: int):
     return hf
 
 
-def _from_hf(hf_state: dict, cfg: eo.EncoderOnlyConfig) -> eo.EncoderOnly:
-    """Our network holding the weights of an HF BERT state dict.
-
-    torch Linear weights are [out, in]; our kernels are [in..., out...]. The network is
-    built abstract (no init) and every parameter is filled from HF with its shape
-    checked; a parameter left out on either side fails loudly.
-    """
-    net = nnx.eval_shape(lambda: eo.EncoderOnly(cfg, rngs=nnx.Rngs(0)))
-    d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
-    weights = WeightCopier(hf_state)
-    put = weights.put
-
-    def dense(ours: layers.DenseGeneral, prefix: str, kernel=np.transpose, bias=lambda b: b):
-        put(ours.kernel, prefix + ".weight", kernel)
-        put(ours.bias, prefix + ".bias", bias)
-
-    def norm(ours: layers.LayerNorm, prefix: str):
-        put(ours.scale, prefix + ".weight")
-        put(ours.bias, prefix + ".bias")
-
-    emb = net.embeddings
-    put(emb.token_embedder.embedding, "bert.embeddings.word_embeddings.weight")
-    put(emb.position_embedder.embedding, "bert.embeddings.position_embeddings.weight")
-    put(emb.token_type_embedder.embedding, "bert.embeddings.token_type_embeddings.weight")
-    norm(emb.layer_norm, "bert.embeddings.LayerNorm")
-    for i, layer in enumerate(net.layers):
-        p = f"bert.encoder.layer.{i}."
-        attn = layer.attention
-        for ours, theirs in ((attn.query, "query"), (attn.key, "key"), (attn.value, "value")):
-            dense(ours, p + "attention.self." + theirs, lambda w: w.T.reshape(d, n, h),
-                  lambda b: b.reshape(n, h))
-        dense(attn.out, p + "attention.output.dense", lambda w: w.T.reshape(n, h, d))
-        norm(layer.post_attention_layer_norm, p + "attention.output.LayerNorm")
-        dense(layer.mlp.wi, p + "intermediate.dense")
-        dense(layer.mlp.wo, p + "output.dense")
-        norm(layer.post_mlp_layer_norm, p + "output.LayerNorm")
-    if cfg.mlm_head:
-        dense(net.mlm.dense, "cls.predictions.transform.dense")
-        norm(net.mlm.layer_norm, "cls.predictions.transform.LayerNorm")
-        put(net.mlm.bias, "cls.predictions.bias")
-        # The decoder is the word embedding and the vocab bias (tied in HF too).
-        for name, tied_to in (("cls.predictions.decoder.weight",
-                               "bert.embeddings.word_embeddings.weight"),
-                              ("cls.predictions.decoder.bias", "cls.predictions.bias")):
-            weights.tied(name, tied_to)
-    if cfg.num_classes:
-        dense(net.classifier_head.pooler, "bert.pooler.dense")
-        dense(net.classifier_head.classifier, "classifier")
-
-    weights.check_complete(net)
-    return net
+def _from_hf(hf, cfg: eo.EncoderOnlyConfig, directory) -> eo.EncoderOnly:
+    """Our network holding an HF model's weights, read by the converter
+    (`save_pretrained` safetensors -> `t5x_like.convert.load_hf`), whose config must be
+    `cfg`: every tensor is checked for shape, and one left out on either side fails."""
+    hf.save_pretrained(directory)
+    model, params = convert.load_hf(directory)
+    assert model.config == cfg, (model.config, cfg)
+    return convert.network(cfg, params)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +114,9 @@ def _hf_forward(hf, tokens, types):
     return out.hidden_states[-1].numpy(), out.logits.numpy()
 
 
-def test_mlm_logits_and_hidden_states_match_hugging_face(batch):
+def test_mlm_logits_and_hidden_states_match_hugging_face(batch, tmp_path):
     hf = _hf_model(MLM, seed=3)
-    net = _from_hf(hf.state_dict(), MLM)
+    net = _from_hf(hf, MLM, tmp_path)
     want_hidden, want_logits = _hf_forward(hf, *batch)
     hidden, logits = _mlm(net, *(jnp.asarray(x) for x in batch))
     assert logits.shape == (3, 24, MLM.vocab_size) and logits.dtype == jnp.float32
@@ -174,9 +130,9 @@ def test_mlm_logits_and_hidden_states_match_hugging_face(batch):
     np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=TOL, atol=TOL)
 
 
-def test_classification_logits_match_hugging_face(batch):
+def test_classification_logits_match_hugging_face(batch, tmp_path):
     hf = _hf_model(CLASSIFIER, seed=4)
-    net = _from_hf(hf.state_dict(), CLASSIFIER)
+    net = _from_hf(hf, CLASSIFIER, tmp_path)
     want_hidden, want_logits = _hf_forward(hf, *batch)
     hidden, logits = _classify(net, *(jnp.asarray(x) for x in batch))
     assert logits.shape == (3, 3) and logits.dtype == jnp.float32

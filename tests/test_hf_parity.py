@@ -1,9 +1,9 @@
 """Numerical parity with Hugging Face transformers' T5 (PyTorch), built from configs.
 
-Small random `T5ForConditionalGeneration`s (no hub, no download) are copied into our
-`EncoderDecoder`; teacher-forced logits must agree to 1e-4 in float32 with encoder
-padding, and our KV-cached greedy decoding must emit the tokens of HF's `generate`, with
-the same logits at every step.
+Small random `T5ForConditionalGeneration`s (no hub, no download) are saved as
+safetensors and imported into our `EncoderDecoder` by `t5x_like.convert`; teacher-forced
+logits must agree to 1e-4 in float32 with encoder padding, and our KV-cached greedy
+decoding must emit the tokens of HF's `generate`, with the same logits at every step.
 Two variants: T5 v1.1 (gated GELU, untied logits) and T5 1.0 (ReLU, logits through the
 embedding scaled by 1/sqrt(d_model)).
 
@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_weights import WeightCopier
 
 from models import encoder_decoder as ed
 from models import layers
+from t5x_like import convert
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -61,58 +61,14 @@ def _hf_config(cfg: ed.T5Config):
     )
 
 
-def _from_hf(hf_state: dict, cfg: ed.T5Config) -> ed.EncoderDecoder:
-    """Our network holding the weights of an HF T5ForConditionalGeneration state dict.
-
-    torch Linear weights are [out, in]; our kernels are [in..., out...]. HF keeps the
-    relative bias [buckets, N] in block 0 of each stack; ours is one [N, buckets] per
-    stack. The network is built abstract (no init) and every parameter is filled from
-    HF with its shape checked; a parameter left out on either side fails loudly.
-    """
-    net = nnx.eval_shape(lambda: ed.EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
-    d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
-    weights = WeightCopier(hf_state)
-    put = weights.put
-
-    def attention(attn: layers.MultiHeadAttention, prefix: str):
-        for ours, theirs in ((attn.query, "q"), (attn.key, "k"), (attn.value, "v")):
-            put(ours.kernel, f"{prefix}{theirs}.weight", lambda w: w.T.reshape(d, n, h))
-        put(attn.out.kernel, prefix + "o.weight", lambda w: w.T.reshape(n, h, d))
-
-    def mlp(block: layers.MlpBlock, prefix: str):
-        for name in (*block.input_names, "wo"):  # 'wi' (ReLU) or 'wi_0', 'wi_1' (gated)
-            put(getattr(block, name).kernel, f"{prefix}{name}.weight", np.transpose)
-
-    put(net.token_embedder.embedding, "shared.weight")
-    for stack in ("encoder", "decoder"):
-        put(getattr(net, stack).relpos_bias.rel_embedding,
-            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-            np.transpose)
-    for i, layer in enumerate(net.encoder.layers):
-        p = f"encoder.block.{i}.layer."
-        put(layer.pre_attention_layer_norm.scale, p + "0.layer_norm.weight")
-        attention(layer.attention, p + "0.SelfAttention.")
-        put(layer.pre_mlp_layer_norm.scale, p + "1.layer_norm.weight")
-        mlp(layer.mlp, p + "1.DenseReluDense.")
-    put(net.encoder.encoder_norm.scale, "encoder.final_layer_norm.weight")
-    for i, layer in enumerate(net.decoder.layers):
-        p = f"decoder.block.{i}.layer."
-        put(layer.pre_self_attention_layer_norm.scale, p + "0.layer_norm.weight")
-        attention(layer.self_attention, p + "0.SelfAttention.")
-        put(layer.pre_cross_attention_layer_norm.scale, p + "1.layer_norm.weight")
-        attention(layer.encoder_decoder_attention, p + "1.EncDecAttention.")
-        put(layer.pre_mlp_layer_norm.scale, p + "2.layer_norm.weight")
-        mlp(layer.mlp, p + "2.DenseReluDense.")
-    put(net.decoder.decoder_norm.scale, "decoder.final_layer_norm.weight")
-    if cfg.logits_via_embedding:
-        weights.tied("lm_head.weight", "shared.weight",
-                     "a tied HF model must share lm_head with the embedding")
-    else:
-        put(net.logits_dense.kernel, "lm_head.weight", np.transpose)
-
-    # The stacks' embed_tokens are the shared table.
-    weights.check_complete(net, ignore=lambda k: k.endswith("embed_tokens.weight"))
-    return net
+def _from_hf(hf, cfg: ed.T5Config, directory) -> ed.EncoderDecoder:
+    """Our network holding an HF model's weights, read by the converter
+    (`save_pretrained` safetensors -> `t5x_like.convert.load_hf`), whose config must be
+    `cfg`: every tensor is checked for shape, and one left out on either side fails."""
+    hf.save_pretrained(directory)
+    model, params = convert.load_hf(directory)
+    assert model.config == cfg, (model.config, cfg)
+    return convert.network(cfg, params)
 
 
 def _hf_model(cfg: ed.T5Config, seed: int):
@@ -134,7 +90,7 @@ def _hf_model(cfg: ed.T5Config, seed: int):
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def models(request):
+def models(request, tmp_path_factory):
     """(our network, HF model, config) with identical random weights."""
     cfg = VARIANTS[request.param]
     # A random tied T5 greedily repeats one token (its unit-variance embedding dominates
@@ -142,7 +98,7 @@ def models(request):
     # decoding test rests on the logits of every step rather than on varied tokens.
     # Any seed passes; with transformers 5 this one gives varied v1.1 greedy outputs.
     hf = _hf_model(cfg, seed=7)
-    return _from_hf(hf.state_dict(), cfg), hf, cfg
+    return _from_hf(hf, cfg, tmp_path_factory.mktemp(request.param)), hf, cfg
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ Public API:
   ConversionError                          every refusal, naming the tensor or value
 
 Supported: T5 / T5 v1.1 / Flan-T5 / mT5 / UL2-shaped, GPT-2, Llama 2/3 (plain RoPE),
-Mistral (sliding window), Qwen2 (q/k/v biases), BERT MLM and sequence classification.
+Mistral (sliding window), Qwen2 (q/k/v biases), Mixtral (sparse MoE: hub per-expert
+w1/w2/w3 or transformers >= 5 fused experts; exported as the hub layout), BERT MLM and
+sequence classification.
 Only safetensors are read; pickle checkpoints are refused.
 """
 

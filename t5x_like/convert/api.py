@@ -200,15 +200,31 @@ def _vocabulary_gin(hf: HFModel, hf_copy: pathlib.Path) -> tuple[str, str]:
         f"  eos_id = {eos!r}\n")
 
 
+def _nested_gin(value: Any) -> tuple[str, str, str]:
+    """A config dataclass inside the network config (e.g. `moe`): (its gin reference,
+    the import line, the binding block), as gin/models/mixtral_tiny.gin writes them."""
+    module, cls = type(value).__module__, type(value).__name__
+    package, _, name = module.rpartition(".")
+    lines = [f"  {f.name} = {_gin_value(getattr(value, f.name))}"
+             for f in dataclasses.fields(value)]
+    return (f"@{name}.{cls}()", f"from {package} import {name}",
+            f"{name}.{cls}:\n" + "\n".join(lines) + "\n")
+
+
 def model_gin_text(hf: HFModel, model_dir: pathlib.Path) -> str:
     """MODEL_DIR/model.gin: NETWORK_CONFIG and MODEL, as gin/models/*.gin define them."""
     cfg, family = hf.config, family_of(hf.config)
     vocab_ref, vocab_lines = _vocabulary_gin(hf, model_dir / HF_SUBDIR)
-    fields = []
+    fields, imports, blocks = [], [], []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        text = {"dropout_rate": "%DROPOUT_RATE", "dtype": "%ACTIVATION_DTYPE"}.get(
-            f.name, _gin_value(value))
+        if dataclasses.is_dataclass(value):
+            text, import_line, block = _nested_gin(value)
+            imports.append(import_line + "\n")
+            blocks.append("\n" + block)
+        else:
+            text = {"dropout_rate": "%DROPOUT_RATE", "dtype": "%ACTIVATION_DTYPE"}.get(
+                f.name, _gin_value(value))
         fields.append(f"  {f.name} = {text}")
     if family.gin_module == "encoder_only":
         model_cls = ("SequenceClassificationModel" if cfg.num_classes and not cfg.mlm_head
@@ -232,7 +248,7 @@ def model_gin_text(hf: HFModel, model_dir: pathlib.Path) -> str:
 from __gin__ import dynamic_registration
 
 from models import {family.gin_module}
-from t5x_like import model_api
+{"".join(imports)}from t5x_like import model_api
 from t5x_like.data import vocabularies
 
 DROPOUT_RATE = {cfg.dropout_rate!r}
@@ -241,7 +257,7 @@ ACTIVATION_DTYPE = {cfg.dtype!r}
 NETWORK_CONFIG = @{family.gin_module}.{config_cls}()
 {family.gin_module}.{config_cls}:
 {chr(10).join(fields)}
-
+{"".join(blocks)}
 {vocab_lines}
 # LOSS_CONFIG comes from the run gin (gin/runs/*.gin).
 MODEL = @model_api.{model_cls}()

@@ -1,5 +1,6 @@
 """The registered Hugging Face architectures: T5 (v1.0, v1.1, Flan-T5, mT5, UL2-shaped),
-GPT-2, Llama-style (Llama 2/3, Mistral, Qwen2) and BERT (MLM, sequence classification).
+GPT-2, Llama-style (Llama 2/3, Mistral, Qwen2), Mixtral (sparse MoE) and BERT (MLM,
+sequence classification).
 
 Each entry: HF config.json -> our config (every value we cannot represent is an error
 naming it), our config -> config.json, and the tensor table (see `registry`). Importing
@@ -8,16 +9,18 @@ this module registers them; a new architecture is one more `registry.register` c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from models import decoder_only, encoder_decoder, encoder_only
+from models import decoder_only, encoder_decoder, encoder_only, moe
 from t5x_like.convert import registry
 from t5x_like.convert.registry import (
     Architecture,
     ConversionError,
     Layout,
+    Part,
     linear,
+    param_path,
     tensor,
     vector,
 )
@@ -280,7 +283,8 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
-def _llama_from_hf(hf: Mapping[str, Any], hf_class: str) -> decoder_only.DecoderOnlyConfig:
+def _llama_from_hf(hf: Mapping[str, Any], hf_class: str,
+                   moe_config: moe.MoeConfig | None = None) -> decoder_only.DecoderOnlyConfig:
     model_type = hf["model_type"]
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ConversionError(f"hidden_act={hf['hidden_act']!r} is not supported; only a "
@@ -291,7 +295,7 @@ def _llama_from_hf(hf: Mapping[str, Any], hf_class: str) -> decoder_only.Decoder
         _require(hf, "attention_bias", (False, None),
                  "an o_proj bias is not implemented; q/k/v biases are (Qwen2)")
     sliding_window = None
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         sliding_window = hf.get("sliding_window")
     if model_type == "qwen2":
         _require(hf, "use_sliding_window", (False, None),
@@ -308,6 +312,7 @@ def _llama_from_hf(hf: Mapping[str, Any], hf_class: str) -> decoder_only.Decoder
         qkv_bias=True if qkv_bias else None,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=sliding_window, dropout_rate=float(hf.get("attention_dropout", 0.0)),
+        moe=moe_config,
     )
 
 
@@ -326,7 +331,7 @@ def _llama_export_class(cfg: decoder_only.DecoderOnlyConfig, preferred: str | No
 
 def _llama_to_hf(cfg: decoder_only.DecoderOnlyConfig, hf_class: str) -> dict[str, Any]:
     out = {
-        "architectures": [hf_class], "model_type": _LLAMA_TYPES[hf_class],
+        "architectures": [hf_class], "model_type": {**_LLAMA_TYPES, **_MIXTRAL_TYPES}[hf_class],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.emb_dim,
         "intermediate_size": cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
@@ -340,12 +345,22 @@ def _llama_to_hf(cfg: decoder_only.DecoderOnlyConfig, hf_class: str) -> dict[str
         out.update(attention_bias=False, mlp_bias=False)
     elif hf_class == "MistralForCausalLM":
         out["sliding_window"] = cfg.sliding_window
-    else:
+    elif hf_class == "Qwen2ForCausalLM":
         out.update(use_sliding_window=False, sliding_window=None)
     return out
 
 
-def _llama_layout(cfg: decoder_only.DecoderOnlyConfig) -> Layout:
+MlpTensors = Callable[[str, str], list[registry.Tensor]]
+
+
+def _llama_mlp(hf: str, ours: str) -> list[registry.Tensor]:
+    return [linear(f"{hf}.mlp.{theirs}.weight", f"{ours}/mlp/{mine}/kernel")
+            for theirs, mine in (("gate_proj", "wi_0"), ("up_proj", "wi_1"),
+                                 ("down_proj", "wo"))]
+
+
+def _llama_layout(cfg: decoder_only.DecoderOnlyConfig, mlp: MlpTensors = _llama_mlp) -> Layout:
+    """Llama's tensor table; `mlp(hf layer prefix, our layer prefix)` gives the MLP's."""
     t = [tensor("model.embed_tokens.weight", "token_embedder/embedding")]
     for i in range(cfg.num_layers):
         hf, ours = f"model.layers.{i}", f"layers/{i}"
@@ -357,8 +372,7 @@ def _llama_layout(cfg: decoder_only.DecoderOnlyConfig) -> Layout:
                 t.append(vector(f"{hf}.self_attn.{x}_proj.bias", f"{attn}/{y}/bias"))
         t.append(linear(f"{hf}.self_attn.o_proj.weight", f"{attn}/out/kernel", split=2))
         t += _norm(f"{hf}.post_attention_layernorm", f"{ours}/pre_mlp_layer_norm", bias=False)
-        for theirs, mine in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
-            t.append(linear(f"{hf}.mlp.{theirs}.weight", f"{ours}/mlp/{mine}/kernel"))
+        t += mlp(hf, ours)
     t += _norm("model.norm", "decoder_norm", bias=False)
     tied = {}
     if cfg.tie_embeddings:
@@ -372,7 +386,7 @@ def _llama_layout(cfg: decoder_only.DecoderOnlyConfig) -> Layout:
 def _llama_accepts(cfg: Any) -> bool:
     return (isinstance(cfg, decoder_only.DecoderOnlyConfig) and cfg.position_embedding == "rope"
             and cfg.norm == "rmsnorm" and not cfg.use_bias
-            and cfg.mlp_activations == ("silu", "linear"))
+            and cfg.mlp_activations == ("silu", "linear") and cfg.moe is None)
 
 
 LLAMA = registry.register(Architecture(
@@ -380,6 +394,117 @@ LLAMA = registry.register(Architecture(
     hf_classes=tuple(_LLAMA_TYPES), config_from_hf=_llama_from_hf,
     config_to_hf=_llama_to_hf, layout=_llama_layout, accepts=_llama_accepts,
     export_class=_llama_export_class, base_prefix="model.",
+))
+
+
+# --- Mixtral: Llama with a sparse MoE feed-forward in every layer ----------------------------
+
+_MIXTRAL_TYPES = {"MixtralForCausalLM": "mixtral"}
+
+
+def _mixtral_from_hf(hf: Mapping[str, Any], hf_class: str) -> decoder_only.DecoderOnlyConfig:
+    # HF: softmax over all experts in float32, top-k, the k weights renormalised to sum 1,
+    # every token through its k experts (nothing dropped).
+    k = hf.get("num_experts_per_tok", 2)
+    if k == 1:
+        raise ConversionError(
+            "num_experts_per_tok=1 is not supported: HF Mixtral then gives every token "
+            "weight 1 (renormalised top-1), which MoeConfig refuses because the loss would "
+            "not train the router; use a checkpoint with num_experts_per_tok >= 2")
+    jitter = hf.get("router_jitter_noise") or 0.0
+    if jitter:
+        raise ConversionError(
+            f"router_jitter_noise={jitter!r} is not supported: HF scales the experts' inputs "
+            "too, MoeConfig.jitter_noise only the router's (Switch); it acts in training "
+            "only, so set it to 0.0 in config.json to import")
+    moe_config = moe.MoeConfig(
+        num_experts=hf.get("num_local_experts", 8), num_experts_per_token=k,
+        routing="token_choice", renormalize=True, dispatch="dropless",
+        load_balance_loss_weight=_load_balance_weight(
+            float(hf.get("router_aux_loss_coef", 0.001)), k, hf["num_hidden_layers"]),
+        router_z_loss_weight=0.0)
+    return _llama_from_hf(hf, hf_class, moe_config)
+
+
+def _load_balance_weight(router_aux_loss_coef: float, k: int, num_layers: int) -> float:
+    """Our per-layer weight for HF's coefficient. HF adds coef * one Switch loss over the
+    assignments of all layers pooled, whose fractions sum to k (k at uniform routing);
+    we add weight * each layer's loss (fractions sum to 1; 1.0 at uniform), summed over
+    layers. weight = coef * k / layers makes the two equal at uniform routing."""
+    return router_aux_loss_coef * k / num_layers
+
+
+def _mixtral_export_class(cfg: decoder_only.DecoderOnlyConfig, preferred: str | None) -> str:
+    m = cfg.moe
+    wrong = {
+        "routing": (m.routing, "token_choice"), "renormalize": (m.renormalize, True),
+        "dispatch": (m.dispatch, "dropless"), "layer_interval": (m.layer_interval, 1),
+        "num_shared_experts": (m.num_shared_experts, 0), "jitter_noise": (m.jitter_noise, 0.0),
+    }
+    for field, (value, want) in wrong.items():
+        if value != want:
+            raise ConversionError(
+                f"MoeConfig.{field}={value!r} has no Hugging Face Mixtral equivalent (softmax "
+                "top-k, renormalised, dropless, every layer sparse, no shared experts, no "
+                f"jitter); set {field}={want!r} to export as MixtralForCausalLM")
+    if cfg.qkv_bias:
+        raise ConversionError("qkv_bias=True has no Hugging Face Mixtral equivalent; export "
+                              "a config without q/k/v biases")
+    return "MixtralForCausalLM"
+
+
+def _mixtral_to_hf(cfg: decoder_only.DecoderOnlyConfig, hf_class: str) -> dict[str, Any]:
+    # HF Mixtral has no router z-loss: `router_z_loss_weight` is not carried over.
+    out = _llama_to_hf(cfg, hf_class)
+    out.update(
+        intermediate_size=cfg.moe.expert_mlp_dim or cfg.mlp_dim,
+        num_local_experts=cfg.moe.num_experts, num_experts_per_tok=cfg.moe.num_experts_per_token,
+        router_aux_loss_coef=cfg.moe.load_balance_loss_weight * cfg.num_layers
+        / cfg.moe.num_experts_per_token, router_jitter_noise=0.0,
+        output_router_logits=False, sliding_window=cfg.sliding_window)
+    return out
+
+
+def _mixtral_experts(num_experts: int) -> MlpTensors:
+    """The hub's (and `save_pretrained`'s) layout: a router `gate` [E, D] and per expert
+    w1 (gate, silu), w3 (up), w2 (down), each a torch Linear."""
+    def mlp(hf: str, ours: str) -> list[registry.Tensor]:
+        out = [linear(f"{hf}.block_sparse_moe.gate.weight", f"{ours}/mlp/router/kernel")]
+        for e in range(num_experts):
+            for theirs, mine in (("w1", "wi_0"), ("w2", "wo"), ("w3", "wi_1")):
+                part = Part(param_path(f"{ours}/mlp/experts/{mine}/kernel"), (e,))
+                out.append(linear(f"{hf}.block_sparse_moe.experts.{e}.{theirs}.weight", part))
+        return out
+    return mlp
+
+
+def _mixtral_fused_experts(hf: str, ours: str) -> list[registry.Tensor]:
+    """transformers >= 5's in-memory layout: gate_up_proj [E, 2F, D] (gate rows first),
+    down_proj [E, D, F]."""
+    experts = f"{ours}/mlp/experts"
+    return [linear(f"{hf}.mlp.gate.weight", f"{ours}/mlp/router/kernel"),
+            linear(f"{hf}.mlp.experts.gate_up_proj", f"{experts}/wi_0/kernel",
+                   f"{experts}/wi_1/kernel", batch=1),
+            linear(f"{hf}.mlp.experts.down_proj", f"{experts}/wo/kernel", batch=1)]
+
+
+def _mixtral_layout(cfg: decoder_only.DecoderOnlyConfig) -> Layout:
+    hub = _llama_layout(cfg, _mixtral_experts(cfg.moe.num_experts))
+    fused = _llama_layout(cfg, _mixtral_fused_experts)
+    return Layout(hub.tensors, tied=hub.tied, ignored=hub.ignored, alternatives=(fused,))
+
+
+def _mixtral_accepts(cfg: Any) -> bool:
+    return (isinstance(cfg, decoder_only.DecoderOnlyConfig) and cfg.position_embedding == "rope"
+            and cfg.norm == "rmsnorm" and not cfg.use_bias
+            and cfg.mlp_activations == ("silu", "linear") and cfg.moe is not None)
+
+
+MIXTRAL = registry.register(Architecture(
+    name="mixtral", family="decoder_only", model_types=("mixtral",),
+    hf_classes=tuple(_MIXTRAL_TYPES), config_from_hf=_mixtral_from_hf,
+    config_to_hf=_mixtral_to_hf, layout=_mixtral_layout, accepts=_mixtral_accepts,
+    export_class=_mixtral_export_class, base_prefix="model.",
 ))
 
 

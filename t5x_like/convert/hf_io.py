@@ -167,7 +167,26 @@ def _part_dims(tensor: Tensor, part: Part, abstract: PyTree) -> tuple[int, ...]:
 
 
 def _cols(tensor: Tensor, dims: tuple[int, ...]) -> int:
+    dims = dims[tensor.batch:]
     return math.prod(dims) if tensor.split == 0 else math.prod(dims[tensor.split:])
+
+
+def select_layout(layout: Layout, available: set[str], base_prefix: str = "") -> Layout:
+    """The table among `layout` and its `alternatives` that a checkpoint holding
+    `available` matches best: fewest missing tensors (`layout` itself on a tie)."""
+    if not layout.alternatives:
+        return layout
+
+    def missing(candidate: Layout) -> int:
+        count = 0
+        for t in candidate.tensors:
+            names = _stored_names(t.name, base_prefix)
+            if t.name in candidate.fallbacks:
+                names.append(candidate.fallbacks[t.name])
+            count += not any(n in available for n in names)
+        return count
+
+    return min((layout, *layout.alternatives), key=missing)  # min keeps the first on ties
 
 
 def plan(layout: Layout, abstract: PyTree, available: set[str] | None = None,
@@ -293,7 +312,11 @@ def _flat_range(bounds: Sequence[tuple[int, int]], dims: Sequence[int]):
 
 def _read_piece(ckpt: HFCheckpoint, piece: _Piece, bounds: list[tuple[int, int]]) -> np.ndarray:
     """`param[part.index][bounds]` read from the piece's HF tensor (only that slice)."""
-    t, dims = piece.tensor, piece.dims
+    t = piece.tensor
+    # The `batch` leading dims index the HF tensor's leading axes directly.
+    lead = tuple(slice(a, b) for a, b in bounds[:t.batch])
+    lead_shape = [b - a for a, b in bounds[:t.batch]]
+    dims, bounds = piece.dims[t.batch:], bounds[t.batch:]
     split = t.split if t.split else 0
     groups = ((), tuple(range(len(dims)))) if split == 0 else (
         tuple(range(split)), tuple(range(split, len(dims))))
@@ -313,12 +336,13 @@ def _read_piece(ckpt: HFCheckpoint, piece: _Piece, bounds: list[tuple[int, int]]
     (r0, r1), (c0, c1) = ranges
     c0, c1 = c0 + piece.col_offset, c1 + piece.col_offset
     if split == 0:
-        block = ckpt.read(piece.source, (slice(c0, c1),))
+        block = ckpt.read(piece.source, (*lead, slice(c0, c1)))
     elif t.transpose:
-        block = ckpt.read(piece.source, (slice(c0, c1), slice(r0, r1))).T
+        block = np.swapaxes(ckpt.read(piece.source, (*lead, slice(c0, c1), slice(r0, r1))),
+                            -1, -2)
     else:
-        block = ckpt.read(piece.source, (slice(r0, r1), slice(c0, c1)))
-    return block.reshape(read_shape)[tuple(post)]
+        block = ckpt.read(piece.source, (*lead, slice(r0, r1), slice(c0, c1)))
+    return block.reshape(lead_shape + read_shape)[(slice(None),) * len(lead) + tuple(post)]
 
 
 def _param_from_pieces(ckpt: HFCheckpoint, pieces: list[_Piece], shape: tuple[int, ...],
@@ -343,6 +367,7 @@ def load_params(ckpt: HFCheckpoint, layout: Layout, abstract_params: PyTree,
     Each device reads only its own slice of each HF tensor; a replicated parameter is
     read once and shared by the devices that hold the same block.
     """
+    layout = select_layout(layout, ckpt.names(), base_prefix)
     pieces = plan(layout, abstract_params, ckpt.names(), base_prefix, str(ckpt.directory))
     check_checkpoint(ckpt, layout, abstract_params, pieces, base_prefix)
     out: dict = {}
@@ -371,12 +396,13 @@ def hf_tensor(t: Tensor, params: PyTree) -> np.ndarray:
     views = []
     for part in t.parts:
         value = np.asarray(jax.device_get(_get(params, part.param)))[part.index]
+        lead, rest = value.shape[:t.batch], value.shape[t.batch:]
         if t.split == 0:
-            views.append(value.reshape(-1))
+            views.append(value.reshape(*lead, -1))
         else:
-            views.append(value.reshape(math.prod(value.shape[:t.split]), -1))
+            views.append(value.reshape(*lead, math.prod(rest[:t.split]), -1))
     value = np.concatenate(views, axis=-1) if len(views) > 1 else views[0]
-    return np.ascontiguousarray(value.T if t.transpose else value)
+    return np.ascontiguousarray(np.swapaxes(value, -1, -2) if t.transpose else value)
 
 
 def parse_size(size: int | str) -> int:

@@ -16,6 +16,11 @@ So a torch Linear weight [out, in] of a query kernel [D, N, H] is `split=1,
 transpose=True`; the attention output [N, H, D] is `split=2, transpose=True`; GPT-2's
 fused Conv1D `c_attn` [D, 3D] is the three kernels q, k, v with `split=1` concatenated;
 a stacked expert kernel [E, D, F] is E `Tensor`s, each with `index=(e,)`.
+
+`batch=n` keeps a part's first n dims (after `index`) as the HF tensor's leading dims
+and applies the rule above to the rest, per leading index: transformers >= 5 holds
+Mixtral's experts fused, `gate_up_proj` [E, 2F, D] = wi_0 and wi_1 [E, D, F] with
+`batch=1, split=1, transpose=True` (the last two axes swap).
 """
 
 from __future__ import annotations
@@ -54,37 +59,48 @@ class Part:
 class Tensor:
     """One HF tensor: our parts concatenated along its last (pre-transpose) axis.
 
-    split: how many of a part's dims (after `index`) form the rows of the 2-D view;
-      the rest form the columns. Ignored for 1-D HF tensors (split=0).
+    split: how many of a part's dims (after `index` and the `batch` dims) form the rows
+      of the 2-D view; the rest form the columns. 0: one flat axis (1-D HF tensors).
     transpose: HF stores the 2-D view transposed (torch Linear: [out, in]).
+    batch: how many leading dims (after `index`) every part shares with the HF tensor,
+      which holds one such view per leading index (stacked experts).
     """
 
     name: str
     parts: tuple[Part, ...]
     split: int = 1
     transpose: bool = False
+    batch: int = 0
 
     def hf_shape(self, part_shapes: Sequence[tuple[int, ...]]) -> tuple[int, ...]:
         """The HF tensor's shape from the shapes of `parts` (after their index)."""
+        lead = {tuple(s[:self.batch]) for s in part_shapes}
+        if len(lead) != 1:
+            raise ConversionError(f"{self.name}: parts disagree on leading dims "
+                                  f"{sorted(lead)}")
+        lead_shape = lead.pop()
+        shapes = [s[self.batch:] for s in part_shapes]
         if self.split == 0:
-            return (sum(math.prod(s) for s in part_shapes),)
-        rows = {math.prod(s[:self.split]) for s in part_shapes}
+            return (*lead_shape, sum(math.prod(s) for s in shapes))
+        rows = {math.prod(s[:self.split]) for s in shapes}
         if len(rows) != 1:
             raise ConversionError(f"{self.name}: parts disagree on rows {sorted(rows)}")
-        cols = sum(math.prod(s[self.split:]) for s in part_shapes)
+        cols = sum(math.prod(s[self.split:]) for s in shapes)
         shape = (rows.pop(), cols)
-        return shape[::-1] if self.transpose else shape
+        return (*lead_shape, *(shape[::-1] if self.transpose else shape))
 
 
-def tensor(name: str, *params: str | Part, split: int = 1, transpose: bool = False) -> Tensor:
+def tensor(name: str, *params: str | Part, split: int = 1, transpose: bool = False,
+           batch: int = 0) -> Tensor:
     """Shorthand: `tensor('lm_head.weight', 'logits_dense/kernel', transpose=True)`."""
     parts = tuple(p if isinstance(p, Part) else Part(param_path(p)) for p in params)
-    return Tensor(name, parts, split=split, transpose=transpose)
+    return Tensor(name, parts, split=split, transpose=transpose, batch=batch)
 
 
-def linear(name: str, param: str, split: int = 1) -> Tensor:
-    """A torch nn.Linear weight [out, in] of our kernel [in..., out...]."""
-    return tensor(name, param, split=split, transpose=True)
+def linear(name: str, *params: str | Part, split: int = 1, batch: int = 0) -> Tensor:
+    """A torch nn.Linear weight [out, in] of our kernel [in..., out...] (several
+    params: their outputs concatenated, e.g. a fused gate / up projection)."""
+    return tensor(name, *params, split=split, transpose=True, batch=batch)
 
 
 def vector(name: str, *params: str | Part) -> Tensor:
@@ -103,12 +119,17 @@ class Layout:
     fallbacks: HF name -> the HF name read in its place when a checkpoint lacks it.
     ignored: regexes of HF tensors that exist in some checkpoints but are not used
       (e.g. BERT's next-sentence head in an MLM import, old GPT-2 mask buffers).
+    alternatives: other tables of the same parameters that checkpoints may hold instead
+      (Mixtral's per-expert `w1/w2/w3` on the hub vs transformers >= 5's fused experts).
+      Import reads the table a checkpoint matches best (fewest missing tensors, this
+      one on a tie); export always writes this one.
     """
 
     tensors: tuple[Tensor, ...]
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
     fallbacks: Mapping[str, str] = dataclasses.field(default_factory=dict)
     ignored: tuple[str, ...] = ()
+    alternatives: tuple[Layout, ...] = ()
 
     def by_name(self) -> dict[str, Tensor]:
         return {t.name: t for t in self.tensors}
