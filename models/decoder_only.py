@@ -146,8 +146,10 @@ PRESETS: dict[str, DecoderOnlyConfig] = {
     "mixtral_8x7b": dataclasses.replace(
         _LLAMA, vocab_size=32000, emb_dim=4096, num_heads=32, num_kv_heads=8, head_dim=128,
         mlp_dim=14336, num_layers=32, max_length=32768, rope_theta=1e6,
+        # Per-layer load-balancing weight = the released config's router_aux_loss_coef
+        # 0.02 * k / layers: HF pools one loss over all layers, worth k when uniform.
         moe=moe_lib.MoeConfig(num_experts=8, num_experts_per_token=2, dispatch="dropless",
-                              load_balance_loss_weight=1e-3, router_z_loss_weight=0.0)),
+                              load_balance_loss_weight=1.25e-3, router_z_loss_weight=0.0)),
     "llama_7b": dataclasses.replace(
         _LLAMA, vocab_size=32000, emb_dim=4096, num_heads=32, head_dim=128, mlp_dim=11008,
         num_layers=32, max_length=4096),

@@ -1,7 +1,9 @@
-"""`python -m t5x_like.plot MODEL_DIR [--out PNG] [--metrics loss,accuracy]`: draw the curves.
+"""`python -m t5x_like.plot MODEL_DIR [MODEL_DIR ...] [--out PNG] [--metrics loss,accuracy]`.
 
-Reads MODEL_DIR/metrics.jsonl (train and eval records) and writes one panel per metric,
-train and eval on the same axes, to MODEL_DIR/curves.png by default.
+Reads each MODEL_DIR/metrics.jsonl (train and eval records) and writes one panel per
+metric, train and eval on the same axes, to MODEL_DIR/curves.png by default. Several
+MODEL_DIRs (e.g. a dense and an MoE run) share the panels, one colour per run, labelled
+with `--labels` (default: the directory names); `--out` is then required.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from t5x_like.metrics_writer import read_metrics
 
 
 def plot(
-    model_dir: str,
+    model_dir: str | Sequence[str],
     out: str | None = None,
     metrics: Sequence[str] = ("loss", "accuracy", "learning_rate", "grad_norm"),
+    labels: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Writes the PNG and returns its path."""
     import matplotlib
@@ -25,24 +28,36 @@ def plot(
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    records = read_metrics(model_dir)
-    if not records:
-        raise ValueError(f"{model_dir}/metrics.jsonl holds no records; train first")
-    present = [m for m in metrics if any(m in r for r in records)]
+    dirs = [model_dir] if isinstance(model_dir, (str, pathlib.Path)) else list(model_dir)
+    if len(dirs) > 1 and out is None:
+        raise ValueError("plotting several MODEL_DIRs needs --out (where to write the PNG)")
+    labels = list(labels) if labels else [pathlib.Path(d).name for d in dirs]
+    if len(labels) != len(dirs):
+        raise ValueError(f"{len(labels)} labels for {len(dirs)} MODEL_DIRs; give one each")
+    runs = []
+    for d in dirs:
+        records = read_metrics(d)
+        if not records:
+            raise ValueError(f"{d}/metrics.jsonl holds no records; train first")
+        runs.append(records)
+    present = [m for m in metrics if any(m in r for records in runs for r in records)]
     fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 3.6), squeeze=False)
     for ax, name in zip(axes[0], present):
-        for split, style in (("train", "-"), ("eval", "o--")):
-            pts = [(r["step"], r[name]) for r in records if r.get("split") == split and name in r]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, label=split, markersize=4)
+        for i, (records, label) in enumerate(zip(runs, labels)):
+            for split, style in (("train", "-"), ("eval", "o--")):
+                pts = [(r["step"], r[name]) for r in records
+                       if r.get("split") == split and name in r]
+                if pts:
+                    xs, ys = zip(*pts)
+                    tag = split if len(runs) == 1 else f"{label} {split}"
+                    ax.plot(xs, ys, style, label=tag, markersize=4, color=f"C{i}")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(str(model_dir))
+    fig.suptitle(str(dirs[0]) if len(dirs) == 1 else " vs ".join(labels))
     fig.tight_layout()
-    path = pathlib.Path(out) if out else pathlib.Path(model_dir) / "curves.png"
+    path = pathlib.Path(out) if out else pathlib.Path(dirs[0]) / "curves.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -50,11 +65,13 @@ def plot(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m t5x_like.plot", description=__doc__)
-    parser.add_argument("model_dir")
+    parser.add_argument("model_dir", nargs="+")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--labels", default=None, help="comma-separated, one per MODEL_DIR")
     parser.add_argument("--metrics", default="loss,accuracy,learning_rate,grad_norm")
     args = parser.parse_args(argv)
-    path = plot(args.model_dir, args.out, [m for m in args.metrics.split(",") if m])
+    labels = args.labels.split(",") if args.labels else None
+    path = plot(args.model_dir, args.out, [m for m in args.metrics.split(",") if m], labels)
     print(f"wrote {path}")
     return 0
 
