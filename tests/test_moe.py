@@ -10,6 +10,7 @@ presets against published / HF parameter counts.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -76,6 +77,24 @@ def test_top_k_of_all_experts_is_the_probability_weighted_sum(dispatch, renormal
     probs = jax.nn.softmax(x @ block.router.kernel[...], axis=-1)
     expected = sum(probs[..., e:e + 1] * _expert_mlp(block, e, x) for e in range(4))
     np.testing.assert_allclose(block(x), expected, atol=1e-5, rtol=0)
+
+
+def test_grouped_matmul_equals_ragged_dot_with_gradients():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(300, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(5, 8, 6)), jnp.float32)
+    # Empty groups, one group, and 65 rows past sum(group_sizes) (they come out 0).
+    for sizes in ([0, 140, 3, 0, 150], [300, 0, 0, 0, 0], [10, 20, 0, 5, 200]):
+        gs = jnp.asarray(sizes, jnp.int32)
+        for block in (4, 128):
+            got = moe._blocked_matmul(x, w, gs, block=block)
+            np.testing.assert_allclose(got, jax.lax.ragged_dot(x, w, gs), atol=1e-5, rtol=1e-5)
+        def loss(fn, x, w, gs=gs):
+            return jnp.sum(jnp.sin(fn(x, w, gs)))
+        want = jax.grad(lambda x, w: loss(jax.lax.ragged_dot, x, w), argnums=(0, 1))(x, w)
+        got = jax.grad(lambda x, w: loss(moe.grouped_matmul, x, w), argnums=(0, 1))(x, w)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
 def _gshard_reference(ids, weights, mask, num_experts, capacity):
@@ -202,6 +221,17 @@ def test_block_records_its_statistics_and_weighted_aux_loss():
     np.testing.assert_allclose(np.sum(s["expert_load"]), 1.0, rtol=1e-6)
     # No collector outside `collect()`: nothing recorded, nothing leaks.
     block(x)
+
+
+def test_shared_experts_add_a_dense_mlp_seen_by_every_token():
+    block = _block(num_experts=4, num_experts_per_token=2, dispatch="dropless",
+                   num_shared_experts=2)
+    routed = _block(num_experts=4, num_experts_per_token=2, dispatch="dropless")
+    for name in ("router", "experts"):
+        nnx.update(getattr(routed, name), nnx.state(getattr(block, name)))
+    x = _x()
+    assert block.shared.wo.kernel.shape == (2 * F, D)
+    np.testing.assert_allclose(block(x), routed(x) + block.shared(x), atol=1e-6, rtol=0)
 
 
 def test_expert_choice_gives_each_expert_its_capacity_of_real_tokens():
@@ -370,13 +400,23 @@ CASES = {
 }
 
 
+# Cases whose model and batches equal another's share its reference run.
+REFERENCE = {"llama_dropless_ep2_fsdp2_tp2": "llama_dropless_ep4_dp2"}
+
+
+@functools.cache
+def _one_device(case):
+    """The single-device reference (cached: cases that differ only in mesh share it)."""
+    make_model, make_batches, _, _ = CASES[case]
+    return _run(mesh_lib.MeshConfig(data=1), "dp", devices=jax.devices()[:1],
+                model=make_model(), batches=make_batches())[:2]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_expert_parallel_training_matches_one_device(case):
     make_model, make_batches, mesh, rules = CASES[case]
     batches = make_batches()
-    ref_losses, ref_params, _, _ = _run(mesh_lib.MeshConfig(data=1), "dp",
-                                        devices=jax.devices()[:1], model=make_model(),
-                                        batches=batches)
+    ref_losses, ref_params = _one_device(REFERENCE.get(case, case))
     losses, params, state, runtime = _run(mesh, rules, model=make_model(), batches=batches)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),

@@ -79,6 +79,10 @@ def test_run_leaves_config_model_info_and_metrics(uninterrupted):
     assert checkpoints.Checkpointer(model_dir / "checkpoints").all_steps() == [3, 6]
     png = plot.plot(str(model_dir), str(model_dir / "curves.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    both = plot.plot([model_dir, model_dir], str(model_dir / "both.png"), labels=["a", "b"])
+    assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="needs --out"):
+        plot.plot([model_dir, model_dir])
 
 
 def test_checkpoint_restores_onto_a_different_mesh_exactly(uninterrupted):
