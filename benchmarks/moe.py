@@ -48,13 +48,13 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
 
-import report  # benchmarks/report.py: this script's directory is on sys.path
+import harness  # benchmarks/harness.py and report.py: this script's directory is on sys.path
+import report
 import train_throughput  # the optimizer set-up and XLA cost reader of the dense benchmark
 
 CASES = ("dense", "dropless", "capacity")
@@ -214,10 +214,10 @@ def _timed(fn):
     """(result, wall seconds, process CPU seconds) of fn() up to block_until_ready."""
     import jax
 
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    jax.block_until_ready(out)
-    return out, time.perf_counter() - start, time.process_time() - cpu
+    with harness.Timer() as t:
+        out = fn()
+        jax.block_until_ready(out)
+    return out, t.wall, t.cpu
 
 
 def _dropped(metrics: dict) -> dict[str, float]:
@@ -309,8 +309,7 @@ class _Bench:
             if compiled is None:
                 continue
             times = self.times[mode]
-            median = statistics.median(times)
-            q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median] * 3
+            median, iqr = harness.median_iqr(times)
             xla = compiled["xla_flops_per_step"]
             dropless = moe is not None and moe.dispatch == "dropless"
             flops = flops_per_token(self.cfg, args.seq_len, train=mode == "train",
@@ -322,7 +321,7 @@ class _Bench:
                 "step_times_s": [round(t, 4) for t in times],
                 "step_cpu_s": [round(t, 4) for t in self.times[f"{mode}_cpu"]],
                 "step_time_median_s": median,
-                "step_time_iqr_s": [q[0], q[2]],
+                "step_time_iqr_s": iqr,
                 "step_cpu_median_s": statistics.median(self.times[f"{mode}_cpu"]),
                 "tokens_per_s": tokens / median,
                 "flops_per_token": {
@@ -345,17 +344,6 @@ class _Bench:
 
 def _mean(values: dict[str, float]) -> float | None:
     return sum(values.values()) / len(values) if values else None
-
-
-def _render(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]
-        lines.append(" | ".join(cells))
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return lines
 
 
 def _table(doc: dict[str, Any]) -> str:
@@ -402,7 +390,7 @@ def _table(doc: dict[str, Any]) -> str:
                 "n/a" if f["xla"] is None else f"{f['xla'] / 1e6:.1f}",
                 "-" if dropped is None else f"{100 * dropped:.1f}%",
             ))
-        lines += [*_render(rows), ""]
+        lines += [*report.table(rows), ""]
     train_dropped = [(r["case"]["name"], r["train"]["dropped_fraction"]) for r in results
                      if "train" in r and r["train"]["dropped_fraction"]]
     for name, per_layer in train_dropped:
@@ -434,7 +422,7 @@ def _table(doc: dict[str, Any]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--quick", action="store_true",
                         help="B=4, L=128, 3 timed rounds after 1 warm-up (< 2 minutes)")
     parser.add_argument("--batch_size", type=int, default=None,
@@ -450,9 +438,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="training capacity factor of the 'capacity' case")
     parser.add_argument("--no_forward", dest="forward", action="store_false",
                         help="skip the forward-only (eval step) comparison")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="simulated CPU devices (--xla_force_host_platform_device_count); "
-                        "1 = the real devices, no forcing")
+    harness.add_devices_flag(parser)
     parser.add_argument("--expert", type=int, default=None,
                         help="size of the mesh's expert axis (the rest is data); default: "
                         "the largest divisor of 8 experts that divides --devices")
@@ -463,13 +449,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:  # the default batch spans every device
             setattr(args, key, math.lcm(value, args.devices) if key == "batch_size" else value)
-    args.case_names = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in args.case_names if c not in CASES]
-    if unknown or not args.case_names:
-        parser.error(f"--cases: unknown {unknown}; use a subset of {', '.join(CASES)}")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error(f"--steps={args.steps} and --warmup={args.warmup} must be >= 1 (the first "
-                     "step after compiling re-traces and is never timed)")
+    args.case_names = harness.names(parser, args.cases, CASES, "cases")
+    harness.check_steps(parser, args.steps, args.warmup)
     if args.devices < 1:
         parser.error(f"--devices={args.devices} must be >= 1")
     if args.expert is None:
@@ -487,19 +468,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.devices > 1:  # must happen before jax is imported
-        if "jax" in sys.modules:
-            raise RuntimeError("--devices needs to set XLA_FLAGS before jax is imported")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}"
-                                   ).strip()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     load_before = list(os.getloadavg())
-    import jax
-
-    if args.devices > 1 and jax.device_count() != args.devices:
-        raise RuntimeError(f"asked for {args.devices} devices, jax sees {jax.device_count()} "
-                           f"({jax.default_backend()}); --devices only simulates CPU devices")
+    jax = harness.import_jax(args.devices)
 
     cases = {
         "dense": BenchCase("dense llama_tiny", "llama_tiny"),
@@ -518,37 +488,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     probe = ragged_dot_expansion(moe_cfg, tokens // args.devices)
     expansion = probe["expansion"] or 1.0
 
-    for round_index in range(args.warmup + args.steps):
-        timed = round_index >= args.warmup
+    for round_index, timed in harness.rounds(args.warmup, args.steps, "moe"):
         order = benches if round_index % 2 == 0 else benches[::-1]
         for bench in order:
             bench.step(round_index, timed)
-        if timed:
-            print(f"[moe] round {round_index - args.warmup + 1}/{args.steps}", file=sys.stderr)
 
-    doc = {
-        "benchmark": "moe",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "backend": jax.default_backend(),
-            "num_devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average_before": load_before,
-            "load_average_after": list(os.getloadavg()),
-        },
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "num_experts": moe_cfg.moe.num_experts,
-        "ragged_dot_expansion": probe,
-        "results": [bench.result(expansion) for bench in benches],
-    }
+    doc = report.document(
+        "moe",
+        machine={**report.jax_machine(jax), "load_average_before": load_before,
+                 "load_average_after": list(os.getloadavg())},
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        num_experts=moe_cfg.moe.num_experts,
+        ragged_dot_expansion=probe,
+        results=[bench.result(expansion) for bench in benches],
+    )
     return report.emit(doc, _table(doc), args.json_out)
 
 

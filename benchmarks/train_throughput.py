@@ -31,13 +31,13 @@ import dataclasses
 import functools
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
 
-import report  # benchmarks/report.py: this script's directory is on sys.path
+import harness  # benchmarks/harness.py and report.py: this script's directory is on sys.path
+import report
 
 # --- configs -------------------------------------------------------------------------------
 
@@ -294,8 +294,7 @@ class _Bench:
 
     def result(self, peak_flops: dict[str, float]) -> dict[str, Any]:
         bc, times = self.bc, self.step_times
-        median = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median] * 3
+        median, iqr = harness.median_iqr(times)
         model_flop_s = self.flops["total"] / median
         peak = peak_flops[bc.dtype if bc.dtype in peak_flops else "float32"]
         matmul = matmul_params(self.cfg)
@@ -314,7 +313,7 @@ class _Bench:
             "first_steps_s": [round(t, 4) for t in self.warmup_times],
             "step_times_s": [round(t, 4) for t in times],
             "step_time_median_s": median,
-            "step_time_iqr_s": [q[0], q[2]],
+            "step_time_iqr_s": iqr,
             "step_time_min_s": min(times),
             "tokens_per_s": bc.tokens_per_step / median,
             "model_flops_per_step": self.flops,
@@ -366,13 +365,8 @@ def _table(doc: dict[str, Any]) -> str:
             f"{r['model_flop_per_s'] / 1e9:.1f}",
             f"{100 * r['mfu']:.1f}%",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]
-        lines.append(" | ".join(cells))
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
     lines += [
+        *report.table(rows),
         "",
         "compile s = trace + lower + XLA compile; step ms = median wall time of one",
         "run_train_step up to block_until_ready; IQR = its 25th-75th percentiles;",
@@ -388,44 +382,24 @@ def _table(doc: dict[str, Any]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=10,
                         help="timed steps per config (after --warmup steps)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per config")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated names, or 'all'; known: {', '.join(CONFIGS)}")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="simulated CPU devices (--xla_force_host_platform_device_count); "
-                        "1 = the real devices, no forcing")
+    harness.add_devices_flag(parser)
     parser.add_argument("--json_out", default=None, help="also write the JSON document here")
     parser.add_argument("--peak_size", type=int, default=2048, help="n of the n×n peak matmul")
     args = parser.parse_args(argv)
-    names = list(CONFIGS) if args.configs == "all" else [
-        n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown or not names:
-        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error(f"--steps={args.steps} and --warmup={args.warmup} must be >= 1 (the first "
-                     "step after compiling re-traces and is never timed)")
-    args.config_names = names
+    args.config_names = harness.names(parser, args.configs, CONFIGS, "configs", allow_all=True)
+    harness.check_steps(parser, args.steps, args.warmup)
     return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.devices > 1:  # must happen before jax is imported
-        if "jax" in sys.modules:
-            raise RuntimeError("--devices needs to set XLA_FLAGS before jax is imported")
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}"
-                                   ).strip()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import jax
-
-    if args.devices > 1 and jax.device_count() != args.devices:
-        raise RuntimeError(f"asked for {args.devices} devices, jax sees {jax.device_count()} "
-                           f"({jax.default_backend()}); --devices only simulates CPU devices")
+    jax = harness.import_jax(args.devices)
 
     peaks: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     for dtype in peaks:
@@ -438,41 +412,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # Interleaved rounds: every config takes one step per round (A B C A B C ...), and the
     # float32 matmul peak is re-measured once per round, so noise hits everything alike.
-    for round_index in range(args.warmup + args.steps):
-        timed = round_index >= args.warmup
+    for round_index, timed in harness.rounds(args.warmup, args.steps, "train_throughput"):
         for bench in benches:
             bench.step(round_index, timed)
         peaks["float32"] += measure_matmul_peak("float32", args.peak_size, repeats=1)
-        if timed:
-            print(f"[train_throughput] round {round_index - args.warmup + 1}/{args.steps}",
-                  file=sys.stderr)
     peaks["bfloat16"] += measure_matmul_peak("bfloat16", args.peak_size)
 
     best = {dtype: max(rates) for dtype, rates in peaks.items()}
-    doc = {
-        "benchmark": "train_throughput",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "backend": jax.default_backend(),
-            "num_devices": jax.device_count(),
-            "device_kind": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        },
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "matmul_peak": {
+    doc = report.document(
+        "train_throughput",
+        machine={**report.jax_machine(jax), "load_average":
+                 list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        steps=args.steps,
+        warmup=args.warmup,
+        matmul_peak={
             "size": args.peak_size,
             "runs": {d: len(r) for d, r in peaks.items()},
             "best_flop_per_s": best,
             "median_flop_per_s": {d: statistics.median(r) for d, r in peaks.items()},
         },
-        "results": [bench.result(best) for bench in benches],
-    }
+        results=[bench.result(best) for bench in benches],
+    )
     return report.emit(doc, _table(doc), args.json_out)
 
 

@@ -54,10 +54,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
-import report  # benchmarks/report.py: this script's directory is on sys.path
+import harness  # benchmarks/harness.py and report.py: this script's directory is on sys.path
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -166,18 +166,6 @@ def prompt_tokens(rc: RaceConfig, vocab: int, batch: int, seed: int):
 # --- workers (each in its own process) -----------------------------------------------------
 
 
-class _Timer:
-    """Wall and process-CPU seconds of a block."""
-
-    def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.wall = time.perf_counter() - self.wall
-        self.cpu = time.process_time() - self.cpu
-
-
 class T5xWorker:
     """t5x_like: Runtime + Trainer as train.py builds them; decoding through infer.predict."""
 
@@ -200,7 +188,7 @@ class T5xWorker:
             model = model_api.DecoderOnlyModel(cfg, vocabulary, loss=loss)
         else:
             model = model_api.EncoderDecoderModel(cfg, vocabulary, loss=loss)
-        with _Timer() as t:
+        with harness.Timer() as t:
             self.runtime = Runtime.build(model)
             base = optimizers.adamw(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8,
                                     weight_decay=0.01)
@@ -259,7 +247,7 @@ class T5xWorker:
 
         out: dict[str, list] = {"wall_s": [], "cpu_s": [], "loss": []}
         for i in range(steps):
-            with _Timer() as t:
+            with harness.Timer() as t:
                 self.state, metrics = self.trainer.run_train_step(self.state, self.batches[i % 2])
                 jax.block_until_ready((self.state, metrics))
             out["wall_s"].append(t.wall)
@@ -272,7 +260,7 @@ class T5xWorker:
 
         out: dict[str, list] = {"wall_s": [], "cpu_s": [], "new_tokens": []}
         for _ in range(calls):
-            with _Timer() as t:
+            with harness.Timer() as t:
                 tokens = infer.predict(self.runtime, self.state.params, self.prompts[batch],
                                        self._decode_config())  # host numpy: synchronous
             out["wall_s"].append(t.wall)
@@ -302,7 +290,7 @@ class HFWorker:
         torch.set_flush_denormal(True)
         torch.manual_seed(0)
         self.rc = rc
-        with _Timer() as t:
+        with harness.Timer() as t:
             config = hf_config(rc, attn)
             cls = (transformers.GPT2LMHeadModel if rc.family == "gpt2"
                    else transformers.T5ForConditionalGeneration)
@@ -348,7 +336,7 @@ class HFWorker:
         self.model.train()
         out: dict[str, list] = {"wall_s": [], "cpu_s": [], "loss": []}
         for i in range(steps):
-            with _Timer() as t:
+            with harness.Timer() as t:
                 self.opt.zero_grad(set_to_none=True)
                 loss = self.model(**self.batches[i % 2]).loss
                 loss.backward()
@@ -367,7 +355,7 @@ class HFWorker:
         prompt = self.prompts[batch]
         out: dict[str, list] = {"wall_s": [], "cpu_s": [], "new_tokens": []}
         for _ in range(calls):
-            with _Timer() as t, torch.inference_mode():
+            with harness.Timer() as t, torch.inference_mode():
                 tokens = self.model.generate(
                     input_ids=prompt, attention_mask=torch.ones_like(prompt),
                     max_new_tokens=self.rc.new_tokens, do_sample=False, use_cache=True)
@@ -447,10 +435,8 @@ class WorkerProcess:
                 return json.loads(line[len(RESULT_TAG):])
             self.log.write(line)
         self.log.flush()
-        with open(self.log_path) as f:
-            tail = "".join(f.readlines()[-25:])
         raise RuntimeError(f"{self.framework} worker exited with {self.proc.wait()} during "
-                           f"{cmd!r}; log {self.log_path}:\n{tail}")
+                           f"{cmd!r}; log {self.log_path}:\n{harness.log_tail(self.log_path)}")
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -584,14 +570,8 @@ def _table(doc: dict[str, Any]) -> str:
                 f"{x['ratio_t5x_over_hf']['tokens_per_cpu_s']:.2f}",
                 f"{warm[0]:.1f} / {warm[1]:.1f}",
             ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        cells = [v.ljust(w) for v, w in zip(row[:3], widths[:3])]
-        cells += [v.rjust(w) for v, w in zip(row[3:], widths[3:])]
-        lines.append(" | ".join(cells))
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
     lines += [
+        *report.table(rows, left=3),
         "",
         "tok/s: train = positions per step (T5: encoder + decoder) / median step time; decode",
         "= generated tokens (B × new) / median time of one whole generate call (prefill or",
@@ -606,7 +586,7 @@ def _table(doc: dict[str, Any]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated names, or 'all'; known: {', '.join(CONFIGS)}")
     parser.add_argument("--quick", action="store_true",
@@ -641,11 +621,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json_out", default=None, help="also write the JSON document here")
     parser.add_argument("--worker", choices=FRAMEWORKS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    names = list(CONFIGS) if args.configs == "all" else [
-        n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown or not names:
-        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    names = harness.names(parser, args.configs, CONFIGS, "configs", allow_all=True)
     if args.quick and not args.worker:
         args.rounds, args.steps, args.calls, args.warmup = 1, 1, 1, 1
     if min(args.rounds, args.steps, args.calls, args.warmup) < 1:
@@ -694,10 +670,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     load_before = list(os.getloadavg())
     results = [race(rc, args.rc_args[rc.name], args) for rc in args.race_configs]
     first = results[0]["frameworks"]
-    doc = {
-        "benchmark": "vs_hf",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
+    doc = report.document(
+        "vs_hf",
+        machine={
             "cpu_count": os.cpu_count(),
             "cores_used": args.cores or sorted(os.sched_getaffinity(0)),
             "processor": platform.processor() or platform.machine(),
@@ -709,12 +684,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             "load_average_before": load_before,
             "load_average_after": list(os.getloadavg()),
         },
-        "dtype": "float32",
-        "threads": args.threads,
-        "rounds": args.rounds, "steps": args.steps, "calls": args.calls, "warmup": args.warmup,
-        "log_dir": args.log_dir,
-        "results": results,
-    }
+        dtype="float32",
+        threads=args.threads,
+        rounds=args.rounds, steps=args.steps, calls=args.calls, warmup=args.warmup,
+        log_dir=args.log_dir,
+        results=results,
+    )
     return report.emit(doc, _table(doc), args.json_out)
 
 

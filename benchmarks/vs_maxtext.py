@@ -58,7 +58,6 @@ import glob
 import itertools
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -67,6 +66,9 @@ import sys
 import tempfile
 import time
 from typing import Any
+
+import harness  # benchmarks/harness.py and report.py: this script's directory is on sys.path
+import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -361,10 +363,8 @@ def run_maxtext(venv: str, base_yml: str, rc: RaceConfig, *, steps: int, warmup:
         rc_code = proc.wait()
     total_s = time.perf_counter() - start
     if rc_code != 0 or len(steps_seen) < steps:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-25:])
         raise RuntimeError(f"MaxText exited with {rc_code} after {len(steps_seen)}/{steps} "
-                           f"steps; log {log_path}:\n{tail}")
+                           f"steps; log {log_path}:\n{harness.log_tail(log_path)}")
     # A step's logged seconds is the wall time between loop iterations; its CPU seconds
     # are the process's CPU time between consecutive step lines (printed one step late,
     # the same lag for every step).
@@ -451,11 +451,11 @@ def t5x_worker(rc: RaceConfig, steps: int, warmup: int, z_loss: float, peak_size
             f.write(compiled.as_text())
     times, cpu, losses = [], [], []
     for i in range(warmup + steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        state, metrics = trainer.run_train_step(state, batches[i % 2])
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu_start)
+        with harness.Timer() as t:
+            state, metrics = trainer.run_train_step(state, batches[i % 2])
+            jax.block_until_ready((state, metrics))
+        times.append(t.wall)
+        cpu.append(t.cpu)
         losses.append(float(metrics["loss"]))
     return {
         "framework": "t5x_like",
@@ -494,10 +494,8 @@ def _run_worker(python: str, worker_args: list[str], log_path: str, cwd: str,
                              cwd=cwd)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(RESULT_TAG)]
     if out.returncode != 0 or not lines:
-        with open(log_path) as f:
-            tail = "".join(f.readlines()[-25:])
         raise RuntimeError(f"worker {' '.join(worker_args)} exited with {out.returncode}; "
-                           f"log {log_path}:\n{tail}")
+                           f"log {log_path}:\n{harness.log_tail(log_path)}")
     result = json.loads(lines[-1][len(RESULT_TAG):])
     result["process_s"] = round(time.perf_counter() - start, 2)
     result["command"] = cmd
@@ -521,14 +519,13 @@ def summarize(rc: RaceConfig, runs: dict[str, list[dict]], peaks: dict[str, dict
         times = [t for r in results for t in r["step_times_s"]]
         cpu = [c for r in results for c in r["step_cpu_s"]]
         per_round = [statistics.median(r["step_times_s"]) for r in results]
-        median = statistics.median(times)
-        q = statistics.quantiles(times, n=4) if len(times) >= 2 else [median] * 3
+        median, iqr = harness.median_iqr(times)
         peak = peaks[fw][rc.dtype]
         out[fw] = {
             "rounds": len(results),
             "steps_timed": len(times),
             "step_time_median_s": median,
-            "step_time_iqr_s": [q[0], q[2]],
+            "step_time_iqr_s": iqr,
             "step_time_round_medians_s": per_round,
             "step_cpu_median_s": _median(cpu),
             "tokens_per_s": rc.tokens_per_step / median,
@@ -585,15 +582,9 @@ def _table(doc: dict[str, Any]) -> str:
                 f"{ratio['tokens_per_s']:.2f}" if last else "",
                 f"{ratio['tokens_per_cpu_s']:.2f}" if last and ratio["tokens_per_cpu_s"] else "",
             ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [v.rjust(w) for v, w in zip(row[2:], widths[2:])]
-        lines.append(" | ".join(cells))
-        if i == 0:
-            lines.append("-+-".join("-" * w for w in widths))
     flops = doc["results"][0]["model_flops_per_step"]["total"] if doc["results"] else 0
     lines += [
+        *report.table(rows, left=2),
         "",
         "step ms = median over all rounds' steady steps (IQR: 25th-75th percentiles);",
         "tokens/s = B*L / step; cpu-s/step = the process's CPU seconds per step (all threads);",
@@ -607,7 +598,7 @@ def _table(doc: dict[str, Any]) -> str:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = harness.argument_parser(__doc__)
     parser.add_argument("--configs", default=",".join(CONFIGS),
                         help=f"comma-separated names; known: {', '.join(CONFIGS)}")
     parser.add_argument("--rounds", type=int, default=2,
@@ -645,11 +636,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help=argparse.SUPPRESS)
     parser.add_argument("--dump_to", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.configs.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown or not names:
-        parser.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
-    args.config_names = names
+    args.config_names = harness.names(parser, args.configs, CONFIGS, "configs")
     args.framework_names = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     bad = set(args.framework_names) - {"maxtext", "t5x_like"}
     if bad or not args.framework_names:
@@ -720,32 +707,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     best_peaks = {fw: {"jax": ps[0]["jax"],
                        **{d: max(p[d] for p in ps) for d in ("float32", "bfloat16")}}
                   for fw, ps in peaks.items()}
-    doc = {
-        "benchmark": "vs_maxtext",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
+    doc = report.document(
+        "vs_maxtext",
+        machine={
+            **report.host(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
-        "t5x_like_python": t5x_python,
-        "maxtext": {"requirement": MAXTEXT_REQUIREMENT, "venv": args.venv,
-                    "remat_policy": args.maxtext_remat, "overrides": extra},
-        "z_loss": args.z_loss,
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "maxtext_warmup": args.maxtext_warmup,
-        "log_dir": log_dir,
-        "matmul_peaks": best_peaks,
-        "results": [summarize(CONFIGS[n], runs[n], best_peaks) for n in args.config_names],
-    }
-    sys.path.insert(0, HERE)
-    import report
-
+        t5x_like_python=t5x_python,
+        maxtext={"requirement": MAXTEXT_REQUIREMENT, "venv": args.venv,
+                 "remat_policy": args.maxtext_remat, "overrides": extra},
+        z_loss=args.z_loss,
+        rounds=args.rounds,
+        steps=args.steps,
+        warmup=args.warmup,
+        maxtext_warmup=args.maxtext_warmup,
+        log_dir=log_dir,
+        matmul_peaks=best_peaks,
+        results=[summarize(CONFIGS[n], runs[n], best_peaks) for n in args.config_names],
+    )
     return report.emit(doc, _table(doc), args.json_out)
 
 

@@ -12,7 +12,6 @@ a tiny HF Llama, then `python -m t5x_like.main --run_mode=infer` on it, then exp
 Skipped where torch / transformers are not installed (the `test` extra installs them).
 """
 
-import functools
 import json
 import pathlib
 import shutil
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_models import PAD, TOL, cached_greedy, token_ids, torch, transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -33,14 +33,6 @@ from t5x_like.convert import __main__ as convert_cli
 from t5x_like.convert import hf_io
 from t5x_like.data import vocabularies
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-# Once JAX has run, torch's OpenMP threads and JAX's pool contend for the cores.
-torch.set_num_threads(1)
-
-TOL = 1e-4  # float32; never loosen
-PAD = 0
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 _T5 = {"vocab_size": 96, "d_model": 32, "d_kv": 8, "d_ff": 48, "num_layers": 2, "num_heads": 4,
@@ -127,10 +119,6 @@ def imported(hf_dirs):
     return {name: convert.load_hf(d) for name, (_, d) in hf_dirs.items()}
 
 
-def _torch(x):
-    return torch.from_numpy(np.array(x, np.int64))
-
-
 def _tokens(vocab: int, lengths, width: int, seed: int = 0):
     rng = np.random.RandomState(seed)
     tokens = rng.randint(2, vocab, (len(lengths), width))
@@ -145,16 +133,17 @@ def _hf_logits(hf, name: str) -> tuple[np.ndarray, np.ndarray]:
             enc, valid = _tokens(96, [20, 13, 6], 20)
             dec, _ = _tokens(96, [12, 12, 12], 12, seed=1)
             dec[:, 0] = 0
-            out = hf(input_ids=_torch(enc), attention_mask=_torch(valid),
-                     decoder_input_ids=_torch(dec)).logits.numpy()
+            out = hf(input_ids=token_ids(enc), attention_mask=token_ids(valid),
+                     decoder_input_ids=token_ids(dec)).logits.numpy()
             return out, np.ones(out.shape[:2], bool)
         if name in DECODER_ONLY:
             tokens, valid = _tokens(96, [20, 13, 6], 20)
-            return hf(input_ids=_torch(tokens), attention_mask=_torch(valid)).logits.numpy(), valid
+            out = hf(input_ids=token_ids(tokens), attention_mask=token_ids(valid))
+            return out.logits.numpy(), valid
         tokens, valid = _tokens(99, [24, 17, 9], 24)
         types = (np.arange(24)[None] >= np.array([[10], [6], [4]])).astype(np.int32)
-        out = hf(input_ids=_torch(tokens), attention_mask=_torch(valid),
-                 token_type_ids=_torch(types)).logits.numpy()
+        out = hf(input_ids=token_ids(tokens), attention_mask=token_ids(valid),
+                 token_type_ids=token_ids(types)).logits.numpy()
         return out, (np.ones(out.shape[:2], bool) if out.ndim == 3 else np.ones(3, bool))
 
 
@@ -203,20 +192,6 @@ def test_imported_logits_match_hugging_face(name, hf_dirs, imported):
 
 
 
-@functools.partial(nnx.jit, static_argnames=("max_length",))
-def _prefill(net, prompts, lengths, max_length):
-    cache = net.init_cache(prompts.shape[0], max_length)
-    logits, cache = net.decode(prompts, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache.rewind(lengths)
-
-
-@nnx.jit
-def _step(net, tokens, cache):
-    logits, cache = net.decode(tokens, cache=cache)
-    return logits[:, -1], cache
-
-
 @pytest.mark.parametrize("name", DECODER_ONLY)
 def test_imported_cached_greedy_decoding_matches_generate(name, hf_dirs, imported):
     """One right-padded prefill rewound to each prompt's length, then one token per
@@ -230,17 +205,12 @@ def test_imported_cached_greedy_decoding_matches_generate(name, hf_dirs, importe
     for r, n in enumerate(lengths):
         left[r, 7 - n:] = right[r, :n]
     with torch.no_grad():
-        out = hf.generate(input_ids=_torch(left), attention_mask=_torch(left != PAD),
+        out = hf.generate(input_ids=token_ids(left), attention_mask=token_ids(left != PAD),
                           do_sample=False, num_beams=1, max_new_tokens=new,
                           min_new_tokens=new, pad_token_id=PAD, eos_token_id=None)
     want = out.numpy()[:, 7:]
-    logits, cache = _prefill(net, jnp.asarray(right), jnp.asarray(lengths, jnp.int32),
-                             max_length=7 + new)
-    tokens = []
-    for _ in range(new):
-        tokens.append(np.asarray(logits).argmax(-1).astype(np.int32))
-        logits, cache = _step(net, jnp.asarray(tokens[-1][:, None]), cache)
-    np.testing.assert_array_equal(np.stack(tokens, axis=1), want)
+    tokens, _ = cached_greedy(net, right, lengths, new)
+    np.testing.assert_array_equal(tokens, want)
     assert len({tuple(row) for row in want}) == 3  # the rows differ
 
 
@@ -461,7 +431,7 @@ def test_cli_convert_then_infer_then_export(tmp_path):
     assert (out / "tokenizer.model").is_file()
     reloaded = transformers.LlamaForCausalLM.from_pretrained(
         out, attn_implementation="eager").eval()
-    tokens = _torch(np.random.RandomState(0).randint(1, 8192, (2, 12)))
+    tokens = token_ids(np.random.RandomState(0).randint(1, 8192, (2, 12)))
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(input_ids=tokens).logits.numpy(),
                                       hf(input_ids=tokens).logits.numpy())
@@ -516,7 +486,7 @@ def test_mixtral_config_is_dropless_renormalised_top_k(hf_dirs, imported, tmp_pa
     hf, _ = hf_dirs["mixtral"]
     tokens, _ = _tokens(96, [20, 13, 6], 20)
     with torch.no_grad():
-        routers = hf(input_ids=_torch(tokens), output_router_logits=True).router_logits
+        routers = hf(input_ids=token_ids(tokens), output_router_logits=True).router_logits
     for layer in routers:  # [B * T, E]: every expert is some token's top-2 choice
         assert set(layer.topk(2, dim=-1).indices.flatten().tolist()) == {0, 1, 2, 3}
 

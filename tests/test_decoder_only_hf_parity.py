@@ -16,25 +16,14 @@ Skipped where torch / transformers are not installed (the `test` extra installs 
 """
 
 import dataclasses
-import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_models import PAD, TOL, cached_greedy, from_hf, token_ids, torch, transformers
 
 from models import decoder_only as do
-from t5x_like import convert
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-# Once JAX has run, its CPU thread pool and torch's OpenMP threads contend for the
-# cores: a multi-threaded torch then runs these tiny models ~50x slower. One is plenty.
-torch.set_num_threads(1)
-
-TOL = 1e-4  # float32; never loosen
-PAD = 0
 
 GPT2 = do.DecoderOnlyConfig(
     vocab_size=96, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, num_layers=2,
@@ -87,60 +76,18 @@ def _hf_model(name: str, cfg: do.DecoderOnlyConfig, seed: int):
     return hf
 
 
-def _from_hf(hf, cfg: do.DecoderOnlyConfig, directory) -> do.DecoderOnly:
-    """Our network holding an HF model's weights, read by the converter
-    (`save_pretrained` safetensors -> `t5x_like.convert.load_hf`), whose config must be
-    `cfg`: every tensor is checked for shape, and one left out on either side fails."""
-    hf.save_pretrained(directory)
-    model, params = convert.load_hf(directory)
-    assert model.config == cfg, (model.config, cfg)
-    return convert.network(cfg, params)
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def models(request, tmp_path_factory):
     """(name, our network, HF model) with identical random weights."""
     name = request.param
     cfg = VARIANTS[name]
     hf = _hf_model(name, cfg, seed=3)
-    return name, _from_hf(hf, cfg, tmp_path_factory.mktemp(name)), hf
-
-
-def _torch(x: np.ndarray):
-    return torch.from_numpy(np.array(x, np.int64))
+    return name, from_hf(hf, cfg, tmp_path_factory.mktemp(name)), hf
 
 
 @nnx.jit
 def _forward(net, tokens, segment_ids):
     return net(tokens, segment_ids=segment_ids)
-
-
-@functools.partial(nnx.jit, static_argnames=("max_length",))
-def _prefill(net, prompts, lengths, max_length):
-    """Right-padded prompts [B, P] -> (each row's last-prompt-token logits [B, V], cache
-    rewound to the prompt lengths: the padded slots are masked, then overwritten)."""
-    cache = net.init_cache(prompts.shape[0], max_length)
-    logits, cache = net.decode(prompts, cache=cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache.rewind(lengths)
-
-
-@nnx.jit
-def _step(net, tokens, cache):
-    logits, cache = net.decode(tokens, cache=cache)
-    return logits[:, -1], cache
-
-
-def _greedy(net, prompts: np.ndarray, lengths: np.ndarray, new_tokens: int):
-    """Our cached greedy decoding -> (generated tokens [B, new], logits [B, new, V])."""
-    logits, cache = _prefill(net, jnp.asarray(prompts), jnp.asarray(lengths, jnp.int32),
-                             max_length=prompts.shape[1] + new_tokens)
-    tokens, step_logits = [], []
-    for _ in range(new_tokens):
-        step_logits.append(np.asarray(logits))
-        tokens.append(step_logits[-1].argmax(-1).astype(np.int32))
-        logits, cache = _step(net, jnp.asarray(tokens[-1][:, None]), cache)
-    return np.stack(tokens, axis=1), np.stack(step_logits, axis=1)
 
 
 def test_logits_match_hugging_face_with_right_padding(models):
@@ -151,7 +98,7 @@ def test_logits_match_hugging_face_with_right_padding(models):
     valid = np.arange(20)[None] < lengths[:, None]
     tokens = np.where(valid, tokens, PAD).astype(np.int32)
     with torch.no_grad():
-        want = hf(input_ids=_torch(tokens), attention_mask=_torch(valid)).logits.numpy()
+        want = hf(input_ids=token_ids(tokens), attention_mask=token_ids(valid)).logits.numpy()
     got = np.asarray(_forward(net, jnp.asarray(tokens), jnp.asarray(valid, jnp.int32)))
     assert got.shape == (3, 20, net.config.vocab_size) and got.dtype == np.float32
     # Padding positions are never read (HF's and our padded queries see different keys).
@@ -170,13 +117,13 @@ def test_cached_greedy_decoding_matches_hugging_face_generate(models):
         left[r, 7 - n:] = prompts[r, :n]
     with torch.no_grad():
         out = hf.generate(
-            input_ids=_torch(left), attention_mask=_torch(left != PAD), do_sample=False,
+            input_ids=token_ids(left), attention_mask=token_ids(left != PAD), do_sample=False,
             num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             pad_token_id=PAD, eos_token_id=None, output_logits=True,
             return_dict_in_generate=True)
     want = out.sequences.numpy()[:, 7:]
     want_logits = np.stack([x.numpy() for x in out.logits], axis=1)  # [B, steps, V]
-    tokens, logits = _greedy(net, right, lengths, new_tokens)
+    tokens, logits = cached_greedy(net, right, lengths, new_tokens)
     np.testing.assert_array_equal(tokens, want)
     np.testing.assert_allclose(logits, want_logits, rtol=TOL, atol=TOL)
     # Not degenerate: the rows differ and several tokens occur. (A random tied GPT-2 soon

@@ -19,19 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_models import PAD, TOL, from_hf, token_ids, torch, transformers
 
 from models import encoder_only as eo
-from t5x_like import convert
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-# Once JAX has run, its CPU thread pool and torch's OpenMP threads contend for the
-# cores: a multi-threaded torch then runs these tiny models far slower. One is plenty.
-torch.set_num_threads(1)
-
-PAD = 0
-TOL = 1e-4  # float32; never loosen
 
 BASE = eo.EncoderOnlyConfig(vocab_size=99, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=96,
                             num_layers=2, max_length=40, type_vocab_size=2, dropout_rate=0.0)
@@ -69,16 +59,6 @@ def _hf_model(cfg: eo.EncoderOnlyConfig, seed: int):
     return hf
 
 
-def _from_hf(hf, cfg: eo.EncoderOnlyConfig, directory) -> eo.EncoderOnly:
-    """Our network holding an HF model's weights, read by the converter
-    (`save_pretrained` safetensors -> `t5x_like.convert.load_hf`), whose config must be
-    `cfg`: every tensor is checked for shape, and one left out on either side fails."""
-    hf.save_pretrained(directory)
-    model, params = convert.load_hf(directory)
-    assert model.config == cfg, (model.config, cfg)
-    return convert.network(cfg, params)
-
-
 @pytest.fixture(scope="module")
 def batch():
     """tokens [3, 24] with 0, 7 and 15 trailing pads; token types A then B."""
@@ -89,10 +69,6 @@ def batch():
     types = np.zeros_like(tokens)
     types[0, 10:], types[1, 6:17], types[2, 4:9] = 1, 1, 1
     return tokens.astype(np.int32), types.astype(np.int32)
-
-
-def _torch(x: np.ndarray):
-    return torch.from_numpy(np.array(x, np.int64))
 
 
 @nnx.jit
@@ -109,14 +85,14 @@ def _classify(net, tokens, types):
 
 def _hf_forward(hf, tokens, types):
     with torch.no_grad():
-        out = hf(input_ids=_torch(tokens), attention_mask=_torch(tokens != PAD),
-                 token_type_ids=_torch(types), output_hidden_states=True)
+        out = hf(input_ids=token_ids(tokens), attention_mask=token_ids(tokens != PAD),
+                 token_type_ids=token_ids(types), output_hidden_states=True)
     return out.hidden_states[-1].numpy(), out.logits.numpy()
 
 
 def test_mlm_logits_and_hidden_states_match_hugging_face(batch, tmp_path):
     hf = _hf_model(MLM, seed=3)
-    net = _from_hf(hf, MLM, tmp_path)
+    net = from_hf(hf, MLM, tmp_path)
     want_hidden, want_logits = _hf_forward(hf, *batch)
     hidden, logits = _mlm(net, *(jnp.asarray(x) for x in batch))
     assert logits.shape == (3, 24, MLM.vocab_size) and logits.dtype == jnp.float32
@@ -125,14 +101,14 @@ def test_mlm_logits_and_hidden_states_match_hugging_face(batch, tmp_path):
     # Without token types both default to type 0.
     tokens = batch[0]
     with torch.no_grad():
-        want = hf(input_ids=_torch(tokens), attention_mask=_torch(tokens != PAD)).logits
+        want = hf(input_ids=token_ids(tokens), attention_mask=token_ids(tokens != PAD)).logits
     got = nnx.jit(lambda n, t: n(t))(net, jnp.asarray(tokens))
     np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=TOL, atol=TOL)
 
 
 def test_classification_logits_match_hugging_face(batch, tmp_path):
     hf = _hf_model(CLASSIFIER, seed=4)
-    net = _from_hf(hf, CLASSIFIER, tmp_path)
+    net = from_hf(hf, CLASSIFIER, tmp_path)
     want_hidden, want_logits = _hf_forward(hf, *batch)
     hidden, logits = _classify(net, *(jnp.asarray(x) for x in batch))
     assert logits.shape == (3, 3) and logits.dtype == jnp.float32

@@ -23,20 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_models import PAD, TOL, from_hf, token_ids, torch, transformers
 
 from models import encoder_decoder as ed
 from models import layers
-from t5x_like import convert
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-# Once JAX has run, its CPU thread pool and torch's OpenMP threads contend for the
-# cores: a multi-threaded torch then runs these tiny models ~50x slower. One is plenty.
-torch.set_num_threads(1)
-
-PAD, EOS = 0, 1  # HF T5: pad = decoder start = 0, eos = 1
-TOL = 1e-4  # float32; never loosen
+EOS = 1  # HF T5: pad = decoder start = 0, eos = 1
 
 V1_1 = ed.T5Config(vocab_size=128, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=96,
                    num_encoder_layers=2, num_decoder_layers=2)
@@ -59,16 +51,6 @@ def _hf_config(cfg: ed.T5Config):
         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
         attn_implementation="eager",
     )
-
-
-def _from_hf(hf, cfg: ed.T5Config, directory) -> ed.EncoderDecoder:
-    """Our network holding an HF model's weights, read by the converter
-    (`save_pretrained` safetensors -> `t5x_like.convert.load_hf`), whose config must be
-    `cfg`: every tensor is checked for shape, and one left out on either side fails."""
-    hf.save_pretrained(directory)
-    model, params = convert.load_hf(directory)
-    assert model.config == cfg, (model.config, cfg)
-    return convert.network(cfg, params)
 
 
 def _hf_model(cfg: ed.T5Config, seed: int):
@@ -98,7 +80,7 @@ def models(request, tmp_path_factory):
     # decoding test rests on the logits of every step rather than on varied tokens.
     # Any seed passes; with transformers 5 this one gives varied v1.1 greedy outputs.
     hf = _hf_model(cfg, seed=7)
-    return _from_hf(hf, cfg, tmp_path_factory.mktemp(request.param)), hf, cfg
+    return from_hf(hf, cfg, tmp_path_factory.mktemp(request.param)), hf, cfg
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +96,6 @@ def batch():
     dec = rng.randint(1, V1_1.vocab_size, (3, 20))
     dec[:, 0] = PAD  # the decoder start token
     return enc.astype(np.int32), dec.astype(np.int32)
-
-
-def _torch(x: np.ndarray):
-    return torch.from_numpy(np.array(x, np.int64))
 
 
 @nnx.jit
@@ -177,8 +155,8 @@ def test_logits_match_hugging_face(models, batch):
     net, hf, cfg = models
     enc, dec = batch
     with torch.no_grad():
-        out = hf(input_ids=_torch(enc), attention_mask=_torch(enc != PAD),
-                 decoder_input_ids=_torch(dec))
+        out = hf(input_ids=token_ids(enc), attention_mask=token_ids(enc != PAD),
+                 decoder_input_ids=token_ids(dec))
     want_logits = out.logits.numpy()
     want_encoded = out.encoder_last_hidden_state.numpy()
     encoded, logits = _forward(net, jnp.asarray(enc), jnp.asarray(dec))
@@ -196,7 +174,7 @@ def _check_greedy_against_generate(net, hf, enc: np.ndarray, max_length: int,
     """Our cached greedy tokens and every step's logits equal HF `generate`'s."""
     with torch.no_grad():
         out = hf.generate(
-            input_ids=_torch(enc), attention_mask=_torch(enc != PAD), do_sample=False,
+            input_ids=token_ids(enc), attention_mask=token_ids(enc != PAD), do_sample=False,
             num_beams=1, max_length=max_length, min_length=0, decoder_start_token_id=PAD,
             eos_token_id=eos, pad_token_id=PAD, output_logits=True,
             return_dict_in_generate=True,

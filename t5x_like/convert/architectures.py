@@ -223,6 +223,19 @@ def _gpt2_to_hf(cfg: decoder_only.DecoderOnlyConfig, hf_class: str) -> dict[str,
     }
 
 
+def _causal_lm_layout(cfg: decoder_only.DecoderOnlyConfig, tensors: list[registry.Tensor],
+                      embedding: str, ignored: str) -> Layout:
+    """A decoder-only layout: `tensors` up to the final norm, then the output layer,
+    `lm_head` [V, D] or, when tied, the HF `embedding` table; `ignored` matches the
+    buffers HF checkpoints may carry that we have no parameter for."""
+    tied = {}
+    if cfg.tie_embeddings:
+        tied["lm_head.weight"] = embedding
+    else:
+        tensors = [*tensors, linear("lm_head.weight", "logits_dense/kernel")]
+    return Layout(tuple(tensors), tied=tied, ignored=(ignored,))
+
+
 def _gpt2_layout(cfg: decoder_only.DecoderOnlyConfig) -> Layout:
     t = [tensor("transformer.wte.weight", "token_embedder/embedding"),
          tensor("transformer.wpe.weight", "position_embedder/embedding")]
@@ -242,14 +255,9 @@ def _gpt2_layout(cfg: decoder_only.DecoderOnlyConfig) -> Layout:
             t.append(tensor(f"{hf}.mlp.{theirs}.weight", f"{ours}/mlp/{mine}/kernel"))
             t.append(vector(f"{hf}.mlp.{theirs}.bias", f"{ours}/mlp/{mine}/bias"))
     t += _norm("transformer.ln_f", "decoder_norm")
-    tied = {}
-    if cfg.tie_embeddings:
-        tied["lm_head.weight"] = "transformer.wte.weight"
-    else:
-        t.append(linear("lm_head.weight", "logits_dense/kernel"))
     # Older checkpoints carry the causal-mask buffers.
-    return Layout(tuple(t), tied=tied,
-                  ignored=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",))
+    return _causal_lm_layout(cfg, t, "transformer.wte.weight",
+                             r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias")
 
 
 def _gpt2_accepts(cfg: Any) -> bool:
@@ -374,13 +382,8 @@ def _llama_layout(cfg: decoder_only.DecoderOnlyConfig, mlp: MlpTensors = _llama_
         t += _norm(f"{hf}.post_attention_layernorm", f"{ours}/pre_mlp_layer_norm", bias=False)
         t += mlp(hf, ours)
     t += _norm("model.norm", "decoder_norm", bias=False)
-    tied = {}
-    if cfg.tie_embeddings:
-        tied["lm_head.weight"] = "model.embed_tokens.weight"
-    else:
-        t.append(linear("lm_head.weight", "logits_dense/kernel"))
-    return Layout(tuple(t), tied=tied,
-                  ignored=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))
+    return _causal_lm_layout(cfg, t, "model.embed_tokens.weight",
+                             r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def _llama_accepts(cfg: Any) -> bool:
