@@ -18,8 +18,16 @@ PARTITIONING_GINS = sorted(
     p.relative_to(ROOT).as_posix() for p in (ROOT / "gin/partitioning").glob("*.gin"))
 EXPERIMENTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "experiments").glob("*.gin"))
 # Model gin name prefix -> the network config class it must build.
-FAMILY = {"t5_1_1": encoder_decoder.T5Config, "gpt2": decoder_only.DecoderOnlyConfig,
-          "llama": decoder_only.DecoderOnlyConfig, "bert": encoder_only.EncoderOnlyConfig}
+FAMILY = {"t5_1_1": encoder_decoder.T5Config, "switch": encoder_decoder.T5Config,
+          "gpt2": decoder_only.DecoderOnlyConfig, "llama": decoder_only.DecoderOnlyConfig,
+          "mixtral": decoder_only.DecoderOnlyConfig, "bert": encoder_only.EncoderOnlyConfig}
+
+
+def _family(model_gin: str) -> type:
+    stem = pathlib.Path(model_gin).stem
+    matches = [cls for prefix, cls in FAMILY.items() if stem.startswith(prefix + "_")]
+    assert len(matches) == 1, f"{model_gin}: name it <family>_<size>.gin, family in {FAMILY}"
+    return matches[0]
 RUN_FN = {"pretrain": train.train, "finetune": train.train, "eval": evaluate.evaluate,
           "infer": infer.infer}
 REQUIRED = [
@@ -44,7 +52,7 @@ def _parse(files, extra=()):
 def test_every_gin_directory_is_covered():
     assert len(MODEL_GINS) >= 6 and len(PARTITIONING_GINS) >= 5
     for model_gin in MODEL_GINS:
-        assert pathlib.Path(model_gin).stem.rsplit("_", 1)[0] in FAMILY, model_gin
+        _family(model_gin)
     assert "experiments/quickstart.gin" in EXPERIMENTS
 
 
@@ -53,7 +61,7 @@ def test_every_gin_directory_is_covered():
 def test_model_and_run_gins_build(model_gin, run):
     _parse([model_gin, f"gin/runs/{run}.gin"], ["NUM_EMBEDDINGS=8192"])
     model = _build("MODEL")
-    assert isinstance(model.config, FAMILY[pathlib.Path(model_gin).stem.rsplit("_", 1)[0]])
+    assert isinstance(model.config, _family(model_gin))
     assert model.config.vocab_size == 8192
     gin.get_configurable(RUN_FN[run])  # the run function is configured
     if run in ("pretrain", "finetune"):
@@ -74,7 +82,10 @@ def test_partitioning_gins_build_a_mesh(part_gin):
     mesh = mesh_lib.make_mesh(cfg)
     assert mesh.size == len(jax.devices()) == 8
     rules = gin.query_parameter("%RULES")
-    assert part_gin.endswith(f"/{rules}.gin")
+    if part_gin.endswith("/ep.gin"):  # expert parallelism: dp rules on an expert mesh
+        assert rules == "dp" and dict(mesh.shape)["expert"] == 2
+    else:
+        assert part_gin.endswith(f"/{rules}.gin")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
