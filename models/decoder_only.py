@@ -249,7 +249,7 @@ class DecoderLayer(nnx.Module):
         )
         self.pre_mlp_layer_norm = _norm(config, rngs)
         self.mlp = moe_lib.feed_forward(
-            config.moe, index, f"layers_{index}", config.emb_dim, config.mlp_dim,
+            config.moe, index, f"layers_{index}", config.emb_dim, config.mlp_dim, causal=True,
             activations=config.mlp_activations, dropout_rate=config.dropout_rate,
             use_bias=config.use_bias, kernel_init=_init(config),
             out_kernel_init=_init(config, residual=True), rngs=rngs, **_dense_kwargs(config),
@@ -338,13 +338,15 @@ class DecoderOnly(nnx.Module):
     def features(
         self, tokens: Array, *, positions: Array | None = None,
         segment_ids: Array | None = None, prefix_mask: Array | None = None,
+        token_mask: Array | None = None,
         deterministic: bool = True, rngs: nnx.Rngs | Array | None = None,
     ) -> Array:
         """Tokens [B, T] -> final-normed hidden states [B, T, D] (activation dtype).
 
         positions [B, T]: reset per packed segment (default 0..T-1); segment_ids [B, T]:
         packing (block-diagonal attention); prefix_mask [B, T]: 1 on the prefix of a
-        prefix LM, which attends bidirectionally within itself.
+        prefix LM, which attends bidirectionally within itself. token_mask [B, T]: real
+        tokens, for MoE routing (default: segment_ids > 0 if given, else every token).
         """
         cfg = self.config
         rngs = layers.dropout_rngs(rngs, deterministic, cfg.dropout_rate)
@@ -358,7 +360,8 @@ class DecoderOnly(nnx.Module):
                               query_segments=segment_ids, key_segments=segment_ids,
                               sliding_window=cfg.sliding_window)  # [B|1, 1, T, T]
         positions = index[0] if positions is None else positions.astype(jnp.int32)
-        token_mask = None if segment_ids is None else segment_ids > 0
+        if token_mask is None and segment_ids is not None:
+            token_mask = segment_ids > 0
         x, _ = self._stack(tokens, positions, mask, None, None, deterministic, rngs,
                            token_mask)
         return x
@@ -375,12 +378,13 @@ class DecoderOnly(nnx.Module):
     def __call__(
         self, tokens: Array, *, positions: Array | None = None,
         segment_ids: Array | None = None, prefix_mask: Array | None = None,
+        token_mask: Array | None = None,
         deterministic: bool = True, rngs: nnx.Rngs | Array | None = None,
     ) -> Array:
         """Teacher-forced logits [B, T, V] (float32); arguments as `features`."""
         return self.logits(self.features(
             tokens, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask,
-            deterministic=deterministic, rngs=rngs))
+            token_mask=token_mask, deterministic=deterministic, rngs=rngs))
 
     def init_cache(self, batch_size: int, max_length: int) -> DecoderOnlyCache:
         """An empty cache of `max_length` slots per layer (activation dtype), index 0."""
@@ -395,6 +399,7 @@ class DecoderOnly(nnx.Module):
 
     def decode(
         self, tokens: Array, *, cache: DecoderOnlyCache, prefix_mask: Array | None = None,
+        token_mask: Array | None = None,
         deterministic: bool = True, rngs: nnx.Rngs | Array | None = None,
     ) -> tuple[Array, DecoderOnlyCache]:
         """Feeds T >= 1 tokens [B, T] per row -> (float32 logits [B, T, V], cache with index + T).
@@ -402,6 +407,7 @@ class DecoderOnly(nnx.Module):
         Token t of row b sits at slot and position index[b] + t and attends to every slot
         up to itself (within `sliding_window`). `prefix_mask` [B, T] (a prefill) lets the
         new prefix tokens attend to each other bidirectionally; earlier slots stay causal.
+        `token_mask` [B, T]: real tokens of a ragged prefill (MoE routing skips the rest).
         """
         cfg = self.config
         rngs = layers.dropout_rngs(rngs, deterministic, cfg.dropout_rate)
@@ -418,5 +424,5 @@ class DecoderOnly(nnx.Module):
         mask = attention_mask(query_index, key_index, query_prefix=query_prefix,
                               key_prefix=key_prefix, sliding_window=cfg.sliding_window)
         x, caches = self._stack(tokens, query_index, mask, cache.layers, cache.index,
-                                deterministic, rngs)
+                                deterministic, rngs, token_mask)
         return self.logits(x), DecoderOnlyCache(layers=caches, index=cache.index + t)

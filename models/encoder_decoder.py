@@ -164,10 +164,10 @@ def _norm(config: T5Config, rngs: nnx.Rngs) -> layers.RMSNorm:
                           **_dense_kwargs(config))
 
 
-def _mlp(config: T5Config, index: int, name: str,
-         rngs: nnx.Rngs) -> layers.MlpBlock | moe_lib.MoeBlock:
+def _mlp(config: T5Config, index: int, name: str, rngs: nnx.Rngs,
+         causal: bool = False) -> layers.MlpBlock | moe_lib.MoeBlock:
     return moe_lib.feed_forward(
-        config.moe, index, name, config.emb_dim, config.mlp_dim,
+        config.moe, index, name, config.emb_dim, config.mlp_dim, causal=causal,
         activations=config.mlp_activations, dropout_rate=config.dropout_rate, rngs=rngs,
         **_dense_kwargs(config),
     )
@@ -220,7 +220,7 @@ class DecoderLayer(nnx.Module):
         self.pre_cross_attention_layer_norm = _norm(config, rngs)
         self.encoder_decoder_attention = _attention(config, rngs)
         self.pre_mlp_layer_norm = _norm(config, rngs)
-        self.mlp = _mlp(config, index, f"decoder/layers_{index}", rngs)
+        self.mlp = _mlp(config, index, f"decoder/layers_{index}", rngs, causal=True)
         self.dropout = _dropout(config)
 
     def __call__(
@@ -370,6 +370,7 @@ class EncoderDecoder(nnx.Module):
         encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
         decoder_positions: Array | None = None, deterministic: bool = True,
         rngs: nnx.Rngs | Array | None = None, cache: DecoderCache | None = None,
+        decoder_token_mask: Array | None = None,
     ) -> tuple[Array, DecoderCache | None]:
         """Decoder tokens [B, T] -> (float32 logits [B, T, V], new cache or None).
 
@@ -378,6 +379,8 @@ class EncoderDecoder(nnx.Module):
         fed at slots index..index+T-1 of each example, attend causally to every token fed
         so far, and the returned cache has index + T; `encoded` and
         `encoder_input_tokens` are then unused (the cache holds their K/V and mask).
+        `decoder_token_mask` [B, T]: real decoder tokens, for MoE routing (default:
+        decoder_segment_ids > 0 if given, else every token; token 0 is T5's BOS).
         """
         rngs = _as_rngs(rngs, deterministic, self.config)
         if (encoder_segment_ids is None) != (decoder_segment_ids is None):
@@ -395,13 +398,14 @@ class EncoderDecoder(nnx.Module):
                     decoder_segment_ids, encoder_segment_ids))
             if decoder_positions is None:
                 decoder_positions = _default_positions(decoder_input_tokens)
+            if decoder_token_mask is None and decoder_segment_ids is not None:
+                decoder_token_mask = decoder_segment_ids > 0
             cross_kv = tuple(layer.encoder_decoder_attention.project_kv(encoded)
                              for layer in self.decoder.layers)
             y, _ = self.decoder(y, cross_kv, self_mask=self_mask, cross_mask=cross_mask,
                                 query_positions=decoder_positions,
                                 key_positions=decoder_positions, self_cache=None,
-                                cache_index=None, token_mask=None if decoder_segment_ids
-                                is None else decoder_segment_ids > 0, **kw)
+                                cache_index=None, token_mask=decoder_token_mask, **kw)
             return self._logits(y), None
 
         if decoder_segment_ids is not None or decoder_positions is not None:
@@ -423,9 +427,10 @@ class EncoderDecoder(nnx.Module):
         self, encoder_input_tokens: Array, decoder_input_tokens: Array, *,
         encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
         encoder_positions: Array | None = None, decoder_positions: Array | None = None,
+        decoder_token_mask: Array | None = None,
         deterministic: bool = True, rngs: nnx.Rngs | Array | None = None,
     ) -> Array:
-        """Teacher-forced logits [B, T, V] (float32)."""
+        """Teacher-forced logits [B, T, V] (float32); `decoder_token_mask` as in `decode`."""
         rngs = _as_rngs(rngs, deterministic, self.config)
         encoded = self.encode(encoder_input_tokens, encoder_segment_ids=encoder_segment_ids,
                               encoder_positions=encoder_positions,
@@ -434,6 +439,7 @@ class EncoderDecoder(nnx.Module):
                                 encoder_segment_ids=encoder_segment_ids,
                                 decoder_segment_ids=decoder_segment_ids,
                                 decoder_positions=decoder_positions,
+                                decoder_token_mask=decoder_token_mask,
                                 deterministic=deterministic, rngs=rngs)
         return logits
 

@@ -19,17 +19,21 @@ Dispatch:
   capacity  GShard / Switch: tokens are split in groups (each sequence, or `group_size`
             tokens); an expert takes at most C = max(min_capacity, ceil(k * G * factor /
             E)) tokens of a group (factor: `capacity_factor` in training,
-            `eval_capacity_factor` otherwise). Top-1 choices have priority over top-2 and
-            earlier tokens over later ones; a token whose choices overflow gets 0 from
-            this block, so the residual passes it through unchanged. The expert buffers
+            `eval_capacity_factor` otherwise). In encoders top-1 choices have priority
+            over top-2, then earlier tokens (GShard); in causal stacks slots go token by
+            token, so no output depends on a later token. A token whose choices overflow
+            gets 0 from this block, so the residual passes it through unchanged. (Cached
+            decoding equals a full forward pass only when nothing is dropped: a one-token
+            step always has room.) The expert buffers
             [E, groups, C, D] carry the `expert` logical axis: under a mesh with an expert
             axis, GSPMD moves tokens to their experts' devices with an all-to-all.
   dropless  MegaBlocks-style: the (token, choice) pairs are sorted by expert and two
             grouped matmuls (`jax.lax.ragged_dot` on GPU / TPU, a block-padded
             equivalent on CPU: `grouped_matmul`) run every expert on exactly its
-            tokens; nothing is dropped. Under an expert mesh axis the block runs in
-            `shard_map`: each expert shard computes its own experts for the tokens of
-            its expert row, and the partial outputs are summed over the expert axis.
+            tokens; nothing is dropped. Under a mesh the block runs in `shard_map`:
+            each expert shard computes its own experts for the tokens of its expert
+            row, and the partial outputs are summed over the expert axis (so the sort
+            stays local to a device's batch shard).
 
 Auxiliary losses (weights from the config, added to the training loss by the model API)
 and per-layer metrics are not returned by the block: inside `collect()` every block
@@ -41,8 +45,11 @@ trace, like `partitioning.rules.activate`), so the families' signatures do not c
                      router probability of e; 1.0 under uniform routing.
   router_z_loss      ST-MoE: mean over tokens of logsumexp(router logits)^2.
 
-Metrics per layer: expert load fractions (f_e), fraction of assignments dropped by the
-capacity limit, mean router entropy.
+Metrics per layer: expert load fractions (token choice: f_e, before capacity; expert
+choice: the slots each expert filled), dropped fraction (token choice: (token, choice)
+assignments past capacity; expert choice: tokens no expert picked), mean router entropy.
+Expert choice gives a token capacity_factor experts on average, so a different
+`eval_capacity_factor` changes the compute per token between training and evaluation.
 """
 
 from __future__ import annotations
@@ -219,23 +226,31 @@ def top_k_routing(probs: Array, k: int, renormalize: bool) -> tuple[Array, Array
 
 
 def capacity_dispatch(
-    ids: Array, weights: Array, mask: Array, num_experts: int, capacity: int
+    ids: Array, weights: Array, mask: Array, num_experts: int, capacity: int,
+    priority: str = "choice",
 ) -> tuple[Array, Array, Array]:
     """Token-choice dispatch and combine tensors of capacity routing.
 
     ids, weights [G, S, k] (group, token, choice); mask [G, S]. Returns dispatch [G, S, E,
     C] (0/1), combine [G, S, E, C] (router weights) and kept [G, S, k] (choice got a
-    slot). Slots are given choice-major (every top-1 before any top-2), then in token
-    order, as in GShard; choices past `capacity` are dropped.
+    slot). Choices past `capacity` are dropped. `priority` orders the slots:
+    'choice' (GShard, encoders): every top-1 choice of the group before any top-2, then
+    token order; 'token' (causal stacks): token by token, so a token's slots never
+    depend on later tokens.
     """
     g, s, k = ids.shape
     onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32) * (
         mask[..., None, None] > 0).astype(jnp.int32)
-    # [G, k, S, E] flattened choice-major: position of each assignment in its expert.
-    order = jnp.swapaxes(onehot, 1, 2).reshape(g, k * s, num_experts)
-    position = jnp.cumsum(order, axis=1) - 1
-    position = jnp.swapaxes(position.reshape(g, k, s, num_experts), 1, 2)  # [G, S, k, E]
-    position = jnp.sum(position * onehot, axis=-1)  # [G, S, k]
+    if priority == "token":  # [G, S * k, E]: token-major order
+        position = jnp.cumsum(onehot.reshape(g, s * k, num_experts), axis=1) - 1
+        position = position.reshape(g, s, k, num_experts)
+    elif priority == "choice":  # [G, k * S, E]: choice-major order
+        order = jnp.swapaxes(onehot, 1, 2).reshape(g, k * s, num_experts)
+        position = jnp.cumsum(order, axis=1) - 1
+        position = jnp.swapaxes(position.reshape(g, k, s, num_experts), 1, 2)
+    else:
+        raise ValueError(f"priority={priority!r} is not known; use 'choice' or 'token'")
+    position = jnp.sum(position * onehot, axis=-1)  # [G, S, k]: slot in the chosen expert
     kept = (jnp.sum(onehot, axis=-1) > 0) & (position < capacity)
     slot = jax.nn.one_hot(jnp.where(kept, position, capacity), capacity, dtype=jnp.float32)
     expert = jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)
@@ -357,12 +372,16 @@ class MoeBlock(nnx.Module):
     """
 
     def __init__(self, config: MoeConfig, in_features: int, mlp_dim: int, *, name: str,
+                 causal: bool = False,
                  activations: Sequence[str] = ("relu",), dropout_rate: float = 0.0,
                  use_bias: bool = False, kernel_init=layers.default_kernel_init,
                  out_kernel_init=None, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
+        if causal:
+            config.check_causal(f"MoE block {name}")
         self.config = config
         self.name = name
+        self.causal = causal
         self.dtype = dtype
         hidden = config.expert_mlp_dim or mlp_dim
         self.router = layers.DenseGeneral(
@@ -423,12 +442,13 @@ class MoeBlock(nnx.Module):
     # --- paths -------------------------------------------------------------------------
 
     def _groups(self, x: Array, mask: Array) -> tuple[Array, Array]:
-        """[B, T, ...] -> [B * T / G, G, ...] capacity groups (G = group_size or T)."""
+        """[B, T, ...] -> [B * T / G, G, ...] capacity groups: G = group_size where it
+        divides the B * T tokens (training batches), else one group per sequence
+        (cached decoding steps, short prompts)."""
         b, t = mask.shape
         g = self.config.group_size or t
         if (b * t) % g:
-            raise ValueError(f"MoeConfig.group_size={g} does not divide the {b}x{t} tokens "
-                             "of the batch; choose a divisor of batch * length")
+            g = t
         return x.reshape(b * t // g, g, *x.shape[2:]), mask.reshape(b * t // g, g)
 
     def _run_buffers(self, x: Array, dispatch: Array, combine: Array) -> Array:
@@ -439,7 +459,7 @@ class MoeBlock(nnx.Module):
         expert its slots from the groups of its expert row, the local experts run, and a
         second all-to-all brings the outputs home.
         """
-        ep = _expert_parallel(self.config.num_experts)
+        ep = _shard_map_plan(self.config.num_experts, x.shape[0], dropless=False)
         if ep is None:
             buffers = jnp.einsum("gsd,gsec->egcd", x, dispatch.astype(x.dtype))
             out = self.experts.buffers(buffers)
@@ -469,8 +489,9 @@ class MoeBlock(nnx.Module):
         idsg = ids.reshape(*mg.shape, k)
         wg = weights.reshape(*mg.shape, k)
         capacity = self.config.capacity(mg.shape[1], train=train)
-        dispatch, combine, kept = capacity_dispatch(idsg, wg, mg, self.config.num_experts,
-                                                    capacity)
+        dispatch, combine, kept = capacity_dispatch(
+            idsg, wg, mg, self.config.num_experts, capacity,
+            priority="token" if self.causal else "choice")
         y = self._run_buffers(xg.astype(self.dtype), dispatch, combine)
         return y.reshape(b, t, d), kept.reshape(b, t, k)
 
@@ -503,7 +524,7 @@ class MoeBlock(nnx.Module):
         """
         e = self.config.num_experts
         x = x.astype(self.dtype)
-        ep = _expert_parallel(e)
+        ep = _shard_map_plan(e, x.shape[0], dropless=True)
         if ep is None:
             return _dropless_local(self.experts, None, x, ids, weights, 0, e)
         mesh, batch_spec, param_specs = ep
@@ -591,30 +612,43 @@ def grouped_matmul(x: Array, w: Array, group_sizes: Array) -> Array:
 
 
 def feed_forward(moe_config: MoeConfig | None, layer: int, name: str, in_features: int,
-                 mlp_dim: int, **kwargs) -> layers.MlpBlock | MoeBlock:
-    """Layer `layer`'s feed-forward block: a `MoeBlock` if `moe_config` makes it sparse,
-    else the dense `layers.MlpBlock` (same keyword arguments: activations, dropout_rate,
-    use_bias, kernel_init, out_kernel_init, dtype, param_dtype, rngs)."""
+                 mlp_dim: int, *, causal: bool = False, **kwargs) -> layers.MlpBlock | MoeBlock:
+    """Layer `layer`'s feed-forward block: a `MoeBlock` if `moe_config` makes it sparse
+    (`causal`: in a causal stack, see `capacity_dispatch`), else the dense
+    `layers.MlpBlock` (same keyword arguments: activations, dropout_rate, use_bias,
+    kernel_init, out_kernel_init, dtype, param_dtype, rngs)."""
     if moe_config is not None and moe_config.is_sparse(layer):
-        return MoeBlock(moe_config, in_features, mlp_dim, name=name, **kwargs)
+        return MoeBlock(moe_config, in_features, mlp_dim, name=name, causal=causal, **kwargs)
     return layers.MlpBlock(in_features, mlp_dim, **kwargs)
 
 
-def _expert_parallel(num_experts: int):
-    """(mesh, batch mesh axes, expert param specs) when the active mesh has an expert axis
-    > 1 (`partitioning.rules.activate`), else None."""
+def _shard_map_plan(num_experts: int, leading_dim: int, *, dropless: bool):
+    """(mesh, batch mesh axes, expert param specs) for running a block in `shard_map`
+    under the active mesh (`partitioning.rules.activate`), or None for plain GSPMD.
+
+    Capacity dispatch needs `shard_map` only for an expert axis > 1 (its all-to-all);
+    dropless needs it whenever the batch is split (else its global sort would gather
+    every token onto every device). None also when the leading dim (batch or groups)
+    does not divide over the batch axes: GSPMD then pads, as for the dense layers.
+    """
     current = rules.active()
     if current is None:
         return None
     mesh, table = current
-    shards = dict(mesh.shape).get("expert", 1)
-    if shards == 1:
-        return None
+    shape = dict(mesh.shape)
+    shards = shape.get("expert", 1)
     if num_experts % shards:
         raise ValueError(f"num_experts={num_experts} is not divisible by the mesh's expert "
                          f"axis ({shards}); use an expert axis that divides the expert count")
-    from jax.sharding import PartitionSpec as P
     batch_spec = rules.logical_to_mesh_spec(("batch",), table)[0]
+    batch_axes = () if batch_spec is None else (
+        (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec))
+    batch_shards = math.prod(shape[a] for a in batch_axes)
+    if shards == 1 and (not dropless or batch_shards == 1):
+        return None
+    if leading_dim % batch_shards:
+        return None
+    from jax.sharding import PartitionSpec as P
     # Expert weights enter sharded over 'expert' only (other weight axes are gathered).
     return mesh, batch_spec, P("expert")
 
@@ -720,8 +754,15 @@ def upcycle(dense_params: dict, moe_params: dict) -> dict:
         if "experts" in path:
             i = path.index("experts")
             dense = lookup(dense_params, path[:i] + path[i + 1:])
-            if dense is not None and tuple(tree.shape[1:]) == tuple(dense.shape):
-                return jnp.broadcast_to(jnp.asarray(dense, tree.dtype), tree.shape)
+            if dense is None:
+                return tree
+            if tuple(tree.shape[1:]) != tuple(dense.shape):
+                raise ValueError(
+                    f"cannot upcycle {'/'.join(path)} {tuple(tree.shape)} from the dense "
+                    f"{'/'.join(path[:i] + path[i + 1:])} {tuple(dense.shape)}: each expert "
+                    "must have the dense MLP's shape (set expert_mlp_dim / mlp_dim to the "
+                    "dense model's mlp_dim)")
+            return jnp.broadcast_to(jnp.asarray(dense, tree.dtype), tree.shape)
         return tree
 
     return fill(moe_params, ())

@@ -269,6 +269,8 @@ class EncoderDecoderModel(BaseModel):
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             encoder_positions=batch.get("encoder_positions"),
             decoder_positions=batch.get("decoder_positions"),
+            # A decoder position is real exactly when its target is (MoE routing).
+            decoder_token_mask=batch["decoder_target_tokens"] > 0,
             deterministic=deterministic,
             rngs=rngs,
         )
@@ -374,6 +376,8 @@ class DecoderOnlyModel(BaseModel):
             positions=batch.get("decoder_positions"),
             segment_ids=batch.get("decoder_segment_ids"),
             prefix_mask=self._prefix_mask(batch),
+            # An input position is real exactly when its target is (MoE routing).
+            token_mask=batch["decoder_target_tokens"] > 0,
             deterministic=deterministic,
             rngs=rngs,
         )
@@ -411,8 +415,9 @@ class DecoderOnlyModel(BaseModel):
         """
         batch = prompt.shape[0]
         cache = network.init_cache(batch, max_length)
+        real = jnp.arange(prompt.shape[1])[None] < prompt_lengths[:, None]
         logits, cache = network.decode(prompt, cache=cache, prefix_mask=prefix_mask,
-                                       deterministic=True)
+                                       token_mask=real, deterministic=True)
         last = jnp.take_along_axis(
             logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
         return last, cache.rewind(prompt_lengths)

@@ -318,19 +318,72 @@ def test_aux_losses_are_added_to_the_training_loss_and_logged():
     assert float(jnp.max(jnp.abs(grads["layers"][0]["mlp"]["router"]["kernel"][...]))) > 0
 
 
-def test_cached_decoding_with_moe_layers_equals_full_forward_passes():
-    model = model_api.DecoderOnlyModel(MOE_LLAMA, VOCAB)
+@pytest.mark.parametrize("routing", ["dropless", "capacity_groups"])
+def test_cached_decoding_with_moe_layers_equals_full_forward_passes(routing):
+    config = MOE_LLAMA
+    if routing == "capacity_groups":  # room for every token at eval; groups of 4 tokens
+        config = dataclasses.replace(LLAMA, moe=moe.MoeConfig(
+            num_experts=4, num_experts_per_token=2, dispatch="capacity",
+            eval_capacity_factor=4.0, group_size=4))
+    model = model_api.DecoderOnlyModel(config, VOCAB)
     net = model.make_network(nnx.Rngs(0))
-    batch = _lm_batches(n=1, batch=3, length=12)[0]
-    steps = 6
+    batch = _lm_batches(n=1, batch=2, length=12)[0]
+    steps = 5
     tokens = model.predict_batch(net, {k: jnp.asarray(v) for k, v in batch.items()
                                        if k in ("decoder_input_tokens", "decoder_target_tokens")},
                                  max_decode_length=steps, prompt_length=4)
-    for row in range(3):
+    for row in range(2):
         real = batch["decoder_input_tokens"][row]
         prompt = real[: min(5, int(np.sum(real != 0)) + 1)]
         expected = _naive_greedy(net, prompt.tolist(), steps)
         assert [int(t) for t in tokens[row][: len(expected)]] == expected
+
+
+def test_capacity_routing_in_a_decoder_never_looks_ahead():
+    # Top-2 with tight capacity drops choices; slots are given token by token in causal
+    # stacks, so no earlier output depends on a later token (GShard's choice-major order
+    # would let a later top-1 take an earlier top-2's slot).
+    config = dataclasses.replace(LLAMA, moe=moe.MoeConfig(
+        num_experts=4, num_experts_per_token=2, dispatch="capacity", capacity_factor=1.0,
+        min_capacity=1))
+    net = decoder_only.DecoderOnly(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    a = rng.integers(3, 350, (2, 16))
+    b = a.copy()
+    b[:, 8:] = rng.integers(3, 350, (2, 8))
+    with moe.collect() as stats:
+        la = net(jnp.asarray(a), deterministic=False)
+    assert float(stats.layers["layers_0"]["dropped_fraction"]) > 0  # capacity binds
+    lb = net(jnp.asarray(b), deterministic=False)
+    np.testing.assert_array_equal(la[:, :8], lb[:, :8])
+    slots = moe.capacity_dispatch(jnp.array([[[0, 1], [1, 0]]]), jnp.ones((1, 2, 2)),
+                                  jnp.ones((1, 2)), 2, 1, priority="token")[2]
+    np.testing.assert_array_equal(slots, [[[True, True], [False, False]]])
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_padding_is_routed_nowhere_with_or_without_segment_ids(dispatch):
+    config = dataclasses.replace(LLAMA, moe=moe.MoeConfig(
+        num_experts=4, num_experts_per_token=2, dispatch=dispatch, capacity_factor=1.0,
+        min_capacity=1))
+    model = model_api.DecoderOnlyModel(config, VOCAB)
+    net = model.make_network(nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    lengths = np.array([[5], [9]])
+    real = np.arange(12)[None] < lengths
+    tgt = (rng.integers(3, 350, (2, 12)) * real).astype(np.int32)
+    unpacked = {"decoder_input_tokens": np.roll(tgt, 1, axis=1) * real,
+                "decoder_target_tokens": tgt, "decoder_loss_weights": real.astype(np.int32)}
+    packed = dict(unpacked, decoder_segment_ids=real.astype(np.int32),
+                  decoder_positions=(np.arange(12)[None] * real).astype(np.int32))
+    sums_u = model.loss_sums(net, {k: jnp.asarray(v) for k, v in unpacked.items()},
+                             deterministic=False)
+    sums_p = model.loss_sums(net, {k: jnp.asarray(v) for k, v in packed.items()},
+                             deterministic=False)
+    assert float(sums_u["moe/layers_0/tokens"]) == 14.0
+    for key in sums_p:
+        np.testing.assert_allclose(sums_u[key], sums_p[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
 
 
 def test_upcycled_moe_computes_the_dense_model(tmp_path):
@@ -432,6 +485,34 @@ def test_expert_parallel_training_matches_one_device(case):
     for a in experts:
         assert a.sharding.spec[0] == "expert"
         assert a.addressable_shards[0].data.shape[0] * ep == a.shape[0]
+
+
+@pytest.mark.parametrize("mesh,batch", [
+    (mesh_lib.MeshConfig(data=8), 8),             # dropless: shard_map without an expert axis
+    (mesh_lib.MeshConfig(data=2, expert=4), 2),   # a batch the mesh does not divide
+    (mesh_lib.MeshConfig(data=2, expert=4), 16),
+])
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_block_under_a_mesh_equals_the_unsharded_block(dispatch, mesh, batch):
+    from partitioning.partitioner import Partitioner
+
+    block = _block(num_experts=4, num_experts_per_token=2, dispatch=dispatch,
+                   capacity_factor=1.0, min_capacity=1)
+    x = _x(b=batch, t=6)
+    token_mask = jnp.arange(6)[None].repeat(batch, 0) < 5
+    graphdef, params = nnx.split(block)
+
+    def loss(params, x):
+        y = nnx.merge(graphdef, params)(x, token_mask=token_mask, deterministic=False)
+        return jnp.sum(jnp.sin(y)), y
+
+    want_grads, want = jax.grad(loss, has_aux=True)(params, x)
+    partitioner = Partitioner(mesh_lib.make_mesh(mesh), "dp")
+    with partitioner.activate():
+        got_grads, got = jax.jit(jax.grad(loss, has_aux=True))(params, x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4),
+                 got_grads, want_grads)
 
 
 def test_expert_axis_must_divide_the_expert_count():
