@@ -64,6 +64,8 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models import layers
 from partitioning import rules
@@ -475,7 +477,6 @@ class MoeBlock(nnx.Module):
             out = jax.lax.all_to_all(out, "expert", 1, 0, tiled=True)
             return jnp.einsum("egcd,gsec->gsd", out, combine.astype(out.dtype))
 
-        from jax.sharding import PartitionSpec as P
         tokens = P(batch_spec, None, None)
         slots = P(batch_spec, None, None, None)
         return jax.shard_map(local, mesh=mesh, in_specs=(tokens, slots, slots, param_specs),
@@ -539,7 +540,6 @@ class MoeBlock(nnx.Module):
                                 first, local_e)
             return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
 
-        from jax.sharding import PartitionSpec as P
         tokens = P(batch_spec, None, None)
         return jax.shard_map(local, mesh=mesh, in_specs=(tokens, tokens, tokens, param_specs),
                              out_specs=tokens, check_vma=False)(
@@ -648,7 +648,6 @@ def _shard_map_plan(num_experts: int, leading_dim: int, *, dropless: bool):
         return None
     if leading_dim % batch_shards:
         return None
-    from jax.sharding import PartitionSpec as P
     # Expert weights enter sharded over 'expert' only (other weight axes are gathered).
     return mesh, batch_spec, P("expert")
 
@@ -716,8 +715,7 @@ def dense_counterpart(abstract_params: dict) -> dict:
     def strip(leaf):
         sharding = getattr(leaf, "sharding", None)
         if sharding is not None:
-            from jax.sharding import NamedSharding, PartitionSpec
-            sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+            sharding = NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
         return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=sharding)
 
     def walk(tree):
@@ -772,8 +770,6 @@ def active_parameter_count(network: nnx.Module) -> int:
     """Parameters one token uses (works on `nnx.eval_shape` networks): every parameter,
     minus in each MoE block the experts a token does not visit (E - k of E under token
     choice; under expert choice a token visits capacity_factor experts on average)."""
-    import math
-
     total = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(network, nnx.Param)))
     for _, block in nnx.iter_graph(network):
         if isinstance(block, MoeBlock):
