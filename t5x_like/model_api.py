@@ -28,7 +28,7 @@ import seqio
 from flax import nnx
 
 from models import decoder_only, encoder_decoder, encoder_only, moe
-from t5x_like import decoding, losses
+from t5x_like import decoding, losses, speculative
 
 Batch = Mapping[str, jax.Array]
 
@@ -205,24 +205,63 @@ class BaseModel:
 
     # --- decoding ---------------------------------------------------------------------
 
-    def _sample(self, step_fn, first_tokens, cache, *, rng, max_decode_length, temperature,
-                top_k, top_p, return_scores, initial_logits=None):
-        """`decoding.sample` with this model's EOS: tokens [B, S] (and log-probs if asked)."""
-        out = decoding.sample(
-            step_fn,
-            first_tokens,
-            cache,
-            max_decode_steps=max_decode_length,
-            rng=rng if rng is not None else jax.random.key(0),
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=self.output_vocabulary.eos_id,
-            initial_logits=initial_logits,
-        )
+    def _decode(self, step_fn, first_tokens, cache, *, rng, max_decode_length: int,
+                return_scores: bool, initial_logits=None, context_tokens=None,
+                method: str = "sample", beam_size: int = 4, alpha: float = 0.6,
+                num_candidates: int = 4, length_normalize: bool = False, **sampling):
+        """Runs the decoder `method` over `step_fn` with this model's EOS.
+
+        method 'sample' (`decoding.sample`: greedy at temperature 0, sampling knobs in
+        `sampling`; `num_samples=N` gives [B * N, S], row b's draws at b*N..b*N+N-1),
+        'beam' (`decoding.beam_search`: the best beam; its score is log-prob / brevity
+        penalty) or 'best_of_n' (`decoding.best_of_n` over `num_candidates` samples; its
+        score is the model log-prob, per token with `length_normalize`). Returns tokens
+        [B, S] (and the scores [B] if asked).
+        """
+        eos_id = self.output_vocabulary.eos_id
+        rng = rng if rng is not None else jax.random.key(0)
+        if method == "sample":
+            out = decoding.sample(step_fn, first_tokens, cache, max_decode_steps=max_decode_length,
+                                  rng=rng, eos_id=eos_id, initial_logits=initial_logits,
+                                  context_tokens=context_tokens, **sampling)
+            tokens, scores = out.tokens, out.log_probs
+        elif method == "beam":
+            if sampling.get("num_samples", 1) != 1:
+                raise ValueError("beam search returns one sequence per example; set "
+                                 "num_samples=1 (beam_size sets the beam width)")
+            out = decoding.beam_search(step_fn, first_tokens, cache, beam_size=beam_size,
+                                       max_decode_steps=max_decode_length, alpha=alpha,
+                                       eos_id=eos_id, initial_logits=initial_logits)
+            tokens, scores = out.tokens[:, 0], out.scores[:, 0]
+        elif method == "best_of_n":
+            sampling.pop("num_samples", None)
+            out = decoding.best_of_n(step_fn, first_tokens, cache, n=num_candidates, rng=rng,
+                                     max_decode_steps=max_decode_length,
+                                     length_normalize=length_normalize, eos_id=eos_id,
+                                     initial_logits=initial_logits,
+                                     context_tokens=context_tokens, **sampling)
+            tokens = out.tokens
+            scores = jnp.take_along_axis(out.scores, out.best_index[:, None], axis=1)[:, 0]
+        else:
+            raise ValueError(f"unknown decoding method {method!r}; use 'sample', 'beam', "
+                             "'best_of_n' or 'speculative'")
+        return (tokens, scores) if return_scores else tokens
+
+    @staticmethod
+    def _speculative_result(out, return_scores: bool):
         if return_scores:
-            return out.tokens, out.log_probs
+            raise ValueError("method='speculative' returns tokens only (no scores); score "
+                             "them with score_batch")
         return out.tokens
+
+    @staticmethod
+    def _check_drafter(drafter, network_cls) -> None:
+        if drafter is None:
+            raise ValueError("method='speculative' needs drafter=<a smaller network of the "
+                             "same family and vocabulary> (infer.DecodeConfig.drafter)")
+        if not isinstance(drafter, network_cls):
+            raise TypeError(f"the drafter must be a {network_cls.__name__} like the target; "
+                            f"got {type(drafter).__name__}")
 
     # --- what a prediction shows ------------------------------------------------------
 
@@ -305,26 +344,40 @@ class EncoderDecoderModel(BaseModel):
         rng: jax.Array | None = None,
         max_decode_length: int | None = None,
         temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
         return_scores: bool = False,
+        method: str = "sample",
+        drafter=None,
+        gamma: int = 4,
+        **decode_kwargs,
     ):
         """Decodes targets for `batch["encoder_input_tokens"]` with the KV cache.
 
-        temperature 0 is greedy; otherwise temperature / top-k / top-p sampling.
-        Returns tokens [B, max_decode_length] (0 after EOS), and their log-probs if asked.
+        `method`: 'sample' (temperature 0 = greedy; top_k, top_p, min_p, penalties,
+        stop_tokens, num_samples in `decode_kwargs`), 'beam' (beam_size, alpha), 'best_of_n'
+        (num_candidates, length_normalize, sampling knobs) or 'speculative' (`drafter`: a
+        smaller `EncoderDecoder` on the same vocabulary proposes `gamma` tokens per target
+        call; greedy output equals the target's). See `BaseModel._decode`.
+        Returns tokens [B, max_decode_length] (0 after EOS), and their scores if asked.
         """
         inputs = batch["encoder_input_tokens"]
         if max_decode_length is None:
             max_decode_length = batch["decoder_input_tokens"].shape[1]
+        if method == "speculative":
+            self._check_drafter(drafter, encoder_decoder.EncoderDecoder)
+            out = speculative.speculative_encoder_decoder(
+                network, drafter, inputs, max_decode_steps=max_decode_length, gamma=gamma,
+                rng=rng, temperature=temperature, top_k=decode_kwargs.pop("top_k", 0),
+                top_p=decode_kwargs.pop("top_p", 1.0), eos_id=self.output_vocabulary.eos_id)
+            _no_other_knobs(decode_kwargs)
+            return self._speculative_result(out, return_scores)
         encoded = network.encode(inputs, deterministic=True)
         cache = network.init_cache(encoded, inputs, max_decode_length)
 
         step_fn = self.make_step_fn(network, encoded, inputs)
         first = jnp.zeros((inputs.shape[0],), jnp.int32)  # T5's decoder starts from pad (0).
-        return self._sample(step_fn, first, cache, rng=rng, max_decode_length=max_decode_length,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            return_scores=return_scores)
+        return self._decode(step_fn, first, cache, rng=rng, max_decode_length=max_decode_length,
+                            temperature=temperature, return_scores=return_scores,
+                            method=method, **decode_kwargs)
 
 
 class DecoderOnlyModel(BaseModel):
@@ -430,17 +483,22 @@ class DecoderOnlyModel(BaseModel):
         rng: jax.Array | None = None,
         max_decode_length: int | None = None,
         temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
         prompt_length: int = 0,
         return_scores: bool = False,
+        method: str = "sample",
+        drafter=None,
+        gamma: int = 4,
+        **decode_kwargs,
     ):
         """Continues each row's prompt with the KV cache.
 
         The prompt is BOS plus the inputs (prefix-LM / seq2seq batches, from
         `decoder_causal_attention`) or, for next-token batches, BOS plus the first
-        `prompt_length` target tokens (0: unconditional samples). Returns the generated
-        tokens [B, max_decode_length] (0 after EOS), and their log-probs if asked.
+        `prompt_length` target tokens (0: unconditional samples). `method` and
+        `decode_kwargs` as `EncoderDecoderModel.predict_batch`; the repetition penalty
+        counts the prompt. 'speculative' needs causal prompts (not a bidirectional prefix
+        LM). Returns the generated tokens [B, max_decode_length] (0 after EOS), and their
+        scores if asked.
         """
         dec_inputs = batch["decoder_input_tokens"]
         b, length = dec_inputs.shape
@@ -455,17 +513,36 @@ class DecoderOnlyModel(BaseModel):
         in_prompt = positions < prompt_lengths[:, None]
         # Zero what follows the prompt: the model must not see the targets.
         prompt = jnp.where(in_prompt, dec_inputs, 0)
-        prefix_mask = in_prompt if self.inputs_bidirectional_attention else None
         if max_decode_length is None:
             max_decode_length = length
+        if method == "speculative":
+            self._check_drafter(drafter, decoder_only.DecoderOnly)
+            if self.inputs_bidirectional_attention:
+                raise ValueError("method='speculative' prefills causally; a prefix LM's "
+                                 "bidirectional prompt is not supported (use 'sample')")
+            out = speculative.speculative_decoder_only(
+                network, drafter, prompt, prompt_lengths, max_decode_steps=max_decode_length,
+                gamma=gamma, rng=rng, temperature=temperature,
+                top_k=decode_kwargs.pop("top_k", 0), top_p=decode_kwargs.pop("top_p", 1.0),
+                eos_id=self.output_vocabulary.eos_id)
+            _no_other_knobs(decode_kwargs)
+            return self._speculative_result(out, return_scores)
+        prefix_mask = in_prompt if self.inputs_bidirectional_attention else None
         initial_logits, cache = self.prefill(
             network, prompt, prompt_lengths, length + max_decode_length, prefix_mask)
-        return self._sample(
+        return self._decode(
             self.make_step_fn(network),
             jnp.zeros((b,), jnp.int32),  # unused: step 0 samples from initial_logits
             cache, rng=rng, max_decode_length=max_decode_length, temperature=temperature,
-            top_k=top_k, top_p=top_p, return_scores=return_scores,
-            initial_logits=initial_logits)
+            return_scores=return_scores, initial_logits=initial_logits,
+            context_tokens=prompt, method=method, **decode_kwargs)
+
+
+def _no_other_knobs(decode_kwargs: Mapping[str, Any]) -> None:
+    """Speculative decoding takes temperature / top-k / top-p only."""
+    if decode_kwargs:
+        raise ValueError(f"method='speculative' does not take {sorted(decode_kwargs)}; it "
+                         "samples with temperature, top_k and top_p only")
 
 
 def _feature_converters():

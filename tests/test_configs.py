@@ -114,3 +114,22 @@ def test_finetune_starts_from_the_init_checkpoint():
     model = _build("MODEL")
     assert type(model).__name__ == "SequenceClassificationModel"
     assert model.config.num_classes == 4
+
+
+def test_speculative_infer_gin_holds_the_benchmark_target_and_drafter():
+    """experiments/speculative_infer.gin decodes with exactly the networks that
+    speculative_target.gin and speculative_drafter.gin train."""
+    def network_config(files, extra=()):
+        gin.clear_config(clear_constants=True)
+        _parse(files, extra)
+        return _build("MODEL").config
+
+    target = network_config(["experiments/speculative_target.gin"])
+    drafter = network_config(["experiments/speculative_drafter.gin"])
+    gin.clear_config(clear_constants=True)
+    _parse(["experiments/speculative_infer.gin"], ["DRAFTER_CHECKPOINT='/tmp/unused'"])
+    decode = gin.query_parameter("infer.infer.decode").scoped_configurable_fn()
+    assert decode.method == "speculative" and decode.gamma == 4
+    assert _build("MODEL").config == target
+    assert decode.drafter.model.config == drafter
+    assert drafter.vocab_size == target.vocab_size

@@ -1,0 +1,424 @@
+"""Fast inference side by side: cached / speculative / prefix-cached / quantized / batched decoding.
+
+    # the models (once, ~25 min on 2 CPU cores): experiments/speculative_{target,drafter}.gin
+    python -m t5x_like.main --gin_file=experiments/speculative_target.gin \\
+        --gin.MODEL_DIR=/tmp/t5x_like_spec_target
+    python -m t5x_like.main --gin_file=experiments/speculative_drafter.gin \\
+        --gin.MODEL_DIR=/tmp/t5x_like_spec_drafter
+    python benchmarks/decode.py --target_dir /tmp/t5x_like_spec_target \\
+        --drafter_dir /tmp/t5x_like_spec_drafter [--quick] [--json_out FILE]
+    python benchmarks/decode.py --random_init   # no checkpoints: speeds only, no acceptance
+
+One process, one device, fp32, prompts cut from the shipped held-out text (Macbeth, Julius
+Caesar), greedy unless stated. Each comparison runs both sides on the same prompts, checks
+the outputs (equal where the method preserves them) and reports wall-clock medians over
+`--rounds` timed rounds after an untimed compile + warm-up round:
+
+  cached vs uncached   prefill + KV-cached greedy (`decoding.greedy`) against re-running
+                       the full forward pass over the whole sequence for every new token;
+                       batch 1 and 8
+  speculative          `speculative.speculative_decoder_only` (the drafter proposes gamma
+                       tokens, the target verifies them in one call) against the target's
+                       own cached greedy, batch 1; tokens must be identical; acceptance rate
+                       alpha, tokens per target call and the i.i.d. prediction
+                       (1 - alpha^(gamma+1)) / (1 - alpha)
+  prefix cache         `serving.Engine` time to first token for requests that share a long
+                       document prefix, with the `PrefixCache` warm against no cache
+  int8 / int4          `quantization.quantize` weights: greedy tokens/s at batch 1, weight
+                       bytes, held-out cross entropy (teacher forced) and the largest logit
+                       difference against the full-precision model
+  continuous batching  `serving.Engine` with 8 slots against 1 slot (one request at a time)
+                       on requests of mixed lengths: generated tokens per second; outputs
+                       must be identical
+
+Speed is measured here, never asserted in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import harness  # benchmarks/harness.py and report.py: this script's directory is on sys.path
+import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TARGET_GIN = "experiments/speculative_target.gin"
+DRAFTER_GIN = "experiments/speculative_drafter.gin"
+
+
+def _parse():
+    parser = harness.argument_parser(__doc__)
+    parser.add_argument("--target_dir", help="MODEL_DIR of experiments/speculative_target.gin")
+    parser.add_argument("--drafter_dir", help="MODEL_DIR of experiments/speculative_drafter.gin")
+    parser.add_argument("--random_init", action="store_true",
+                        help="no checkpoints: randomly initialised models (speeds only)")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per measurement")
+    parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per target call")
+    parser.add_argument("--sections", default="all",
+                        help="comma-separated: cache,speculative,prefix,quant,batching or all")
+    parser.add_argument("--json_out", default=None)
+    args = parser.parse_args()
+    if not args.random_init and not (args.target_dir and args.drafter_dir):
+        parser.error("pass --target_dir and --drafter_dir (trained with the experiments "
+                     "named in the docstring) or --random_init")
+    if args.rounds < 1 or args.gamma < 1:
+        parser.error(f"--rounds={args.rounds} and --gamma={args.gamma} must be >= 1")
+    args.sections = harness.names(parser, args.sections,
+                                  ("cache", "speculative", "prefix", "quant", "batching"),
+                                  "section", allow_all=True)
+    return args
+
+
+# --- models and data ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Loaded:
+    name: str
+    network: object  # models.DecoderOnly with its parameters
+    runtime: object
+    params: object
+    parameters: int
+
+
+def _load(gin_file: str, model_dir: str | None, name: str) -> Loaded:
+    """The network of `gin_file` with the latest checkpoint of `model_dir` (or its init)."""
+    import gin
+    import jax
+
+    from t5x_like import gin_utils
+    from t5x_like.runtime import Runtime
+
+    gin.clear_config(clear_constants=True)
+    gin_utils.parse_gin([gin_file], ["MODEL_DIR = 'unused'"], gin_utils.default_search_paths(),
+                        finalize=False)
+    model = gin.query_parameter("%MODEL").scoped_configurable_fn()
+    gin.clear_config(clear_constants=True)
+    runtime = Runtime.build(model, devices=jax.devices()[:1])
+    if model_dir:
+        params = runtime.restore_params(os.path.join(model_dir, "checkpoints"))
+    else:
+        params = runtime.init_params(0)
+    network = runtime.net.merge(params)
+    count = sum(x.size for x in jax.tree.leaves(params))
+    return Loaded(name, network, runtime, params, count)
+
+
+def _heldout_ids(vocab) -> list[int]:
+    path = REPO / "t5x_like" / "data" / "corpus" / "validation.txt.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    return list(vocab.encode(text))
+
+
+def _time(fn, rounds: int) -> tuple[float, object]:
+    """(median wall seconds over `rounds` calls after one untimed call, the last output)."""
+    import jax
+
+    out = jax.block_until_ready(fn())
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+# --- sections -----------------------------------------------------------------------------
+
+
+def _prompts(ids: list[int], batch: int, length: int, offset: int = 0):
+    """[batch, length] int32: BOS (0, as seqio's LM converter feeds) + held-out ids."""
+    import numpy as np
+
+    rows = [[0, *ids[offset + i * 997:offset + i * 997 + length - 1]] for i in range(batch)]
+    return np.asarray(rows, np.int32)
+
+
+def _greedy_fns(network, max_decode_steps: int):
+    """jitted (prompt [B,P]) -> tokens [B,S]: cached (prefill + decoding.greedy) and
+    uncached (the full forward pass over the whole sequence for every token)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from t5x_like import decoding
+
+    graphdef, state = nnx.split(network)
+
+    @jax.jit
+    def cached(state, prompt):
+        net = nnx.merge(graphdef, state)
+        b, p = prompt.shape
+        cache = net.init_cache(b, p + max_decode_steps)
+        logits, cache = net.decode(prompt, cache=cache)
+
+        def step_fn(tokens, cache):
+            out, cache = net.decode(tokens, cache=cache)
+            return out[:, -1], cache
+
+        return decoding.greedy(step_fn, prompt[:, -1], cache, max_decode_steps=max_decode_steps,
+                               eos_id=-1, initial_logits=logits[:, -1]).tokens
+
+    @jax.jit
+    def uncached(state, prompt):
+        net = nnx.merge(graphdef, state)
+        b, p = prompt.shape
+        seq = jnp.concatenate([prompt, jnp.zeros((b, max_decode_steps), jnp.int32)], axis=1)
+
+        def body(i, seq):
+            logits = net(seq)  # causal: the zeros after position p + i are never seen
+            nxt = jnp.argmax(logits[:, p - 1 + i], axis=-1).astype(jnp.int32)
+            return seq.at[:, p + i].set(nxt)
+
+        return jax.lax.fori_loop(0, max_decode_steps, body, seq)[:, p:]
+
+    return (lambda prompt: cached(state, prompt)), (lambda prompt: uncached(state, prompt))
+
+
+def section_cache(target: Loaded, ids, args) -> list[dict]:
+    import numpy as np
+
+    new = 32 if args.quick else 64
+    rows = []
+    for batch in (1, 8):
+        prompt = _prompts(ids, batch, 64)
+        cached, uncached = _greedy_fns(target.network, new)
+        t_c, out_c = _time(lambda f=cached, x=prompt: f(x), args.rounds)
+        t_u, out_u = _time(lambda f=uncached, x=prompt: f(x), args.rounds)
+        rows.append({"section": "cache", "batch": batch, "prompt": 64, "new_tokens": new,
+                     "cached_s": t_c, "uncached_s": t_u,
+                     "cached_tokens_per_s": batch * new / t_c,
+                     "uncached_tokens_per_s": batch * new / t_u,
+                     "speedup": t_u / t_c,
+                     "identical": bool(np.array_equal(np.asarray(out_c), np.asarray(out_u)))})
+    return rows
+
+
+def section_speculative(target: Loaded, drafter: Loaded, ids, args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from t5x_like import speculative
+
+    new = 32 if args.quick else 64
+    prompt = _prompts(ids, 1, 64, offset=50_000)
+    lengths = np.full((1,), prompt.shape[1], np.int32)
+    cached, _ = _greedy_fns(target.network, new)
+    tg, ts = nnx.split(target.network)
+    dg, ds = nnx.split(drafter.network)
+    rows = []
+    for gamma in sorted({2, args.gamma, 6}):
+        @jax.jit
+        def spec(ts, ds, prompt, lengths, gamma=gamma):
+            return speculative.speculative_decoder_only(
+                nnx.merge(tg, ts), nnx.merge(dg, ds), prompt, lengths,
+                max_decode_steps=new, gamma=gamma, eos_id=-1)
+
+        t_plain, plain = _time(lambda: cached(prompt), args.rounds)
+        t_spec, out = _time(lambda: spec(ts, ds, jnp.asarray(prompt), jnp.asarray(lengths)),
+                            args.rounds)
+        alpha = float(out.acceptance_rate)
+        predicted = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
+        rows.append({"section": "speculative", "batch": 1, "gamma": gamma, "new_tokens": new,
+                     "greedy_s": t_plain, "speculative_s": t_spec, "speedup": t_plain / t_spec,
+                     "acceptance_rate": alpha,
+                     "tokens_per_target_call": float(out.tokens_per_target_call),
+                     "predicted_tokens_per_call": predicted,
+                     "identical": bool(np.array_equal(np.asarray(out.tokens),
+                                                      np.asarray(plain)))})
+    return rows
+
+
+def _engine_run(network, requests, *, num_slots: int, max_length: int, prefix_cache=None):
+    from t5x_like import serving
+
+    engine = serving.Engine(network, num_slots=num_slots, max_length=max_length, eos_id=None,
+                            prefix_cache=prefix_cache)
+    start = time.perf_counter()
+    results = engine.generate(requests)
+    return time.perf_counter() - start, results
+
+
+def section_prefix(target: Loaded, ids, args) -> list[dict]:
+    from t5x_like import serving
+
+    doc = 384 if args.quick else 448
+    document = list(_prompts(ids, 1, doc, offset=20_000)[0])
+    questions = [list(q) for q in _prompts(ids, 8, 16, offset=90_000)]
+    requests = [serving.Request(prompt=document + q, max_new_tokens=1) for q in questions]
+    max_length = doc + 16 + 1
+    # Warm-up (compiles every prefill bucket both runs use), then timed runs.
+    _engine_run(target.network, requests[:2], num_slots=1, max_length=max_length,
+                prefix_cache=serving.PrefixCache(block_size=16))
+    _engine_run(target.network, requests[:1], num_slots=1, max_length=max_length)
+    cold_ttft, warm_ttft, identical = [], [], True
+    for _ in range(args.rounds):
+        _, cold = _engine_run(target.network, requests, num_slots=1, max_length=max_length)
+        cache = serving.PrefixCache(block_size=16)
+        _, warm = _engine_run(target.network, requests, num_slots=1, max_length=max_length,
+                              prefix_cache=cache)
+        cold_ttft += [r.time_to_first_token_s - r.queue_time_s for r in cold]
+        # The first request fills the cache; the rest reuse the document.
+        warm_ttft += [r.time_to_first_token_s - r.queue_time_s for r in warm[1:]]
+        identical &= [r.tokens for r in cold] == [r.tokens for r in warm]
+    cold_s, warm_s = statistics.median(cold_ttft), statistics.median(warm_ttft)
+    return [{"section": "prefix", "shared_prefix_tokens": doc, "suffix_tokens": 16,
+             "cold_ttft_s": cold_s, "cached_ttft_s": warm_s, "speedup": cold_s / warm_s,
+             "cached_tokens": warm[-1].cached_tokens, "identical": bool(identical)}]
+
+
+def section_quant(target: Loaded, ids, args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from t5x_like import quantization
+
+    new = 32 if args.quick else 64
+    prompt = _prompts(ids, 1, 64, offset=30_000)
+    heldout = jnp.asarray(_prompts(ids, 16 if args.quick else 32, 128, offset=5_000))
+    full_fn, _ = _greedy_fns(target.network, new)
+
+    def cross_entropy(network):
+        graphdef, state = nnx.split(network)
+
+        @jax.jit
+        def ce(state, tokens):
+            logits = nnx.merge(graphdef, state)(tokens[:, :-1])
+            lp = jax.nn.log_softmax(logits, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(lp, tokens[:, 1:, None], -1)), logits
+
+        return ce(state, heldout)
+
+    full_ce, full_logits = cross_entropy(target.network)
+    t_full, full_out = _time(lambda: full_fn(prompt), args.rounds)
+    full_bytes = quantization.weight_bytes(target.network)["total"]
+    rows = [{"section": "quant", "weights": "float32", "tokens_per_s": new / t_full,
+             "weight_mb": full_bytes / 2**20, "heldout_ce": float(full_ce),
+             "max_logit_diff": 0.0, "greedy_agreement": 1.0}]
+    for mode in ("int8", "int4"):
+        qnet = quantization.quantize(target.network, mode)
+        q_fn, _ = _greedy_fns(qnet, new)
+        t_q, q_out = _time(lambda f=q_fn: f(prompt), args.rounds)
+        ce, logits = cross_entropy(qnet)
+        rows.append({"section": "quant", "weights": mode, "tokens_per_s": new / t_q,
+                     "weight_mb": quantization.weight_bytes(qnet)["total"] / 2**20,
+                     "heldout_ce": float(ce),
+                     "max_logit_diff": float(jnp.max(jnp.abs(logits - full_logits))),
+                     "greedy_agreement": float(np.mean(np.asarray(q_out) ==
+                                                       np.asarray(full_out)))})
+    return rows
+
+
+def section_batching(target: Loaded, ids, args) -> list[dict]:
+    import numpy as np
+
+    from t5x_like import serving
+
+    count = 16 if args.quick else 32
+    rng = np.random.default_rng(0)
+    prompts = [list(p[: rng.integers(8, 64)]) for p in _prompts(ids, count, 64, offset=60_000)]
+    requests = [serving.Request(prompt=p, max_new_tokens=int(rng.integers(8, 64)))
+                for p in prompts]
+    generated = sum(r.max_new_tokens for r in requests)
+    # Warm-up: compiles every prefill bucket and the decode step of both engines.
+    _engine_run(target.network, requests, num_slots=8, max_length=128)
+    _engine_run(target.network, requests[:4], num_slots=1, max_length=128)
+    batched, single, identical = [], [], True
+    for _ in range(args.rounds):
+        t8, out8 = _engine_run(target.network, requests, num_slots=8, max_length=128)
+        t1, out1 = _engine_run(target.network, requests, num_slots=1, max_length=128)
+        batched.append(t8)
+        single.append(t1)
+        identical &= [r.tokens for r in out8] == [r.tokens for r in out1]
+    t8, t1 = statistics.median(batched), statistics.median(single)
+    return [{"section": "batching", "requests": count, "generated_tokens": generated,
+             "slots_8_tokens_per_s": generated / t8, "one_at_a_time_tokens_per_s": generated / t1,
+             "speedup": t1 / t8, "identical": bool(identical)}]
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def _text(rows: list[dict], models: dict) -> str:
+    lines = [f"models: {models}", ""]
+    by = {s: [r for r in rows if r["section"] == s] for s in
+          ("cache", "speculative", "prefix", "quant", "batching")}
+    if by["cache"]:
+        lines += [*report.table([("cached vs uncached", "batch", "cached tok/s", "uncached tok/s",
+                                "speedup", "same tokens"), *[
+            ("greedy, 64-token prompt", str(r["batch"]), f"{r['cached_tokens_per_s']:.1f}",
+             f"{r['uncached_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x", str(r["identical"]))
+            for r in by["cache"]]]), ""]
+    if by["speculative"]:
+        lines += [*report.table([("speculative vs greedy", "gamma", "greedy s", "speculative s",
+                                "speedup", "alpha", "tok/call", "predicted", "same tokens"), *[
+            ("batch 1", str(r["gamma"]), f"{r['greedy_s']:.3f}", f"{r['speculative_s']:.3f}",
+             f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.3f}",
+             f"{r['tokens_per_target_call']:.2f}", f"{r['predicted_tokens_per_call']:.2f}",
+             str(r["identical"])) for r in by["speculative"]]]), ""]
+    if by["prefix"]:
+        lines += [*report.table([("prefix cache", "shared tokens", "cold TTFT ms",
+                                "cached TTFT ms", "speedup", "same tokens"), *[
+            ("document + 16-token question", str(r["shared_prefix_tokens"]),
+             f"{r['cold_ttft_s'] * 1e3:.1f}", f"{r['cached_ttft_s'] * 1e3:.1f}",
+             f"{r['speedup']:.2f}x", str(r["identical"])) for r in by["prefix"]]]), ""]
+    if by["quant"]:
+        lines += [*report.table([("weights", "tok/s (B=1)", "weight MB", "held-out CE",
+                                "max |dlogit|", "greedy agreement"), *[
+            (r["weights"], f"{r['tokens_per_s']:.1f}", f"{r['weight_mb']:.1f}",
+             f"{r['heldout_ce']:.4f}", f"{r['max_logit_diff']:.4f}",
+             f"{r['greedy_agreement']:.3f}") for r in by["quant"]]]), ""]
+    if by["batching"]:
+        lines += [*report.table([("continuous batching", "requests", "8 slots tok/s",
+                                "1 at a time tok/s", "speedup", "same tokens"), *[
+            ("mixed lengths, greedy", str(r["requests"]), f"{r['slots_8_tokens_per_s']:.1f}",
+             f"{r['one_at_a_time_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
+             str(r["identical"])) for r in by["batching"]]])]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = _parse()
+    jax = harness.import_jax(1)
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from t5x_like.data import vocabularies
+
+    target = _load(TARGET_GIN, None if args.random_init else args.target_dir, "target")
+    drafter = _load(DRAFTER_GIN, None if args.random_init else args.drafter_dir, "drafter")
+    ids = _heldout_ids(vocabularies.get_vocabulary("shakespeare_spm"))
+    rows = []
+    for section in args.sections:
+        print(f"[decode] {section}", file=sys.stderr)
+        if section == "cache":
+            rows += section_cache(target, ids, args)
+        elif section == "speculative":
+            rows += section_speculative(target, drafter, ids, args)
+        elif section == "prefix":
+            rows += section_prefix(target, ids, args)
+        elif section == "quant":
+            rows += section_quant(target, ids, args)
+        elif section == "batching":
+            rows += section_batching(target, ids, args)
+    models = {m.name: {"parameters": m.parameters,
+                       "checkpoint": None if args.random_init else d}
+              for m, d in ((target, args.target_dir), (drafter, args.drafter_dir))}
+    doc = report.document("decode", report.jax_machine(jax), models=models,
+                          quick=args.quick, rounds=args.rounds, results=rows)
+    report.emit(doc, _text(rows, {k: v["parameters"] for k, v in models.items()}),
+                args.json_out)
+
+
+if __name__ == "__main__":
+    main()
