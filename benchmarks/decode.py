@@ -25,8 +25,9 @@ the outputs (equal where the method preserves them) and reports wall-clock media
   prefix cache         `serving.Engine` time to first token for requests that share a long
                        document prefix, with the `PrefixCache` warm against no cache
   int8 / int4          `quantization.quantize` weights: greedy tokens/s at batch 1, weight
-                       bytes, held-out cross entropy (teacher forced) and the largest logit
-                       difference against the full-precision model
+                       bytes, held-out cross entropy (teacher forced), the largest logit
+                       difference and the share of held-out positions whose top-1 token
+                       agrees with the full-precision model, and where greedy diverges
   continuous batching  `serving.Engine` with 8 slots against 1 slot (one request at a time)
                        on requests of mixed lengths: generated tokens per second; outputs
                        must be identical
@@ -120,15 +121,24 @@ def _heldout_ids(vocab) -> list[int]:
 
 def _time(fn, rounds: int) -> tuple[float, object]:
     """(median wall seconds over `rounds` calls after one untimed call, the last output)."""
+    medians, outputs = _time_many({"fn": fn}, rounds)
+    return medians["fn"], outputs["fn"]
+
+
+def _time_many(fns: dict, rounds: int) -> tuple[dict, dict]:
+    """Median wall seconds of each of `fns` over `rounds` interleaved rounds (the order
+    reversed every other round, so load on the machine hits them alike), after one untimed
+    call each; and each one's last output."""
     import jax
 
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    outputs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}
+    times: dict = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            start = time.perf_counter()
+            outputs[name] = jax.block_until_ready(fns[name]())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
 # --- sections -----------------------------------------------------------------------------
@@ -191,8 +201,10 @@ def section_cache(target: Loaded, ids, args) -> list[dict]:
     for batch in (1, 8):
         prompt = _prompts(ids, batch, 64)
         cached, uncached = _greedy_fns(target.network, new)
-        t_c, out_c = _time(lambda f=cached, x=prompt: f(x), args.rounds)
-        t_u, out_u = _time(lambda f=uncached, x=prompt: f(x), args.rounds)
+        t, out = _time_many({"cached": lambda f=cached, x=prompt: f(x),
+                             "uncached": lambda f=uncached, x=prompt: f(x)}, args.rounds)
+        (t_c, out_c), (t_u, out_u) = (t["cached"], out["cached"]), (t["uncached"],
+                                                                     out["uncached"])
         rows.append({"section": "cache", "batch": batch, "prompt": 64, "new_tokens": new,
                      "cached_s": t_c, "uncached_s": t_u,
                      "cached_tokens_per_s": batch * new / t_c,
@@ -200,6 +212,32 @@ def section_cache(target: Loaded, ids, args) -> list[dict]:
                      "speedup": t_u / t_c,
                      "identical": bool(np.array_equal(np.asarray(out_c), np.asarray(out_u)))})
     return rows
+
+
+def _call_seconds(network, tokens_per_call: int, rounds: int, reps: int = 32) -> float:
+    """Seconds of one cached `network.decode` call feeding `tokens_per_call` tokens at
+    batch 1 after 64 cached tokens (a jitted loop of `reps` calls, divided by reps)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(network)
+
+    @jax.jit
+    def loop(state):
+        net = nnx.merge(graphdef, state)
+        cache = net.init_cache(1, 64 + tokens_per_call)
+        _, cache = net.decode(jnp.ones((1, 64), jnp.int32), cache=cache)
+        tokens = jnp.ones((1, tokens_per_call), jnp.int32)
+
+        def body(i, carry):
+            total, cache = carry
+            logits, new = net.decode(tokens + i, cache=cache)
+            return total + logits[0, -1, 0], new.rewind(cache.index)
+
+        return jax.lax.fori_loop(0, reps, body, (jnp.zeros(()), cache))[0]
+
+    return _time(lambda: loop(state), rounds)[0] / reps
 
 
 def section_speculative(target: Loaded, drafter: Loaded, ids, args) -> list[dict]:
@@ -217,22 +255,37 @@ def section_speculative(target: Loaded, drafter: Loaded, ids, args) -> list[dict
     tg, ts = nnx.split(target.network)
     dg, ds = nnx.split(drafter.network)
     rows = []
+    step_s = _call_seconds(target.network, 1, args.rounds)
+    draft_s = _call_seconds(drafter.network, 1, args.rounds)
     for gamma in sorted({2, args.gamma, 6}):
+        verify_s = _call_seconds(target.network, gamma + 1, args.rounds)
         @jax.jit
         def spec(ts, ds, prompt, lengths, gamma=gamma):
             return speculative.speculative_decoder_only(
                 nnx.merge(tg, ts), nnx.merge(dg, ds), prompt, lengths,
                 max_decode_steps=new, gamma=gamma, eos_id=-1)
 
-        t_plain, plain = _time(lambda: cached(prompt), args.rounds)
-        t_spec, out = _time(lambda: spec(ts, ds, jnp.asarray(prompt), jnp.asarray(lengths)),
-                            args.rounds)
+        t, outs = _time_many({
+            "greedy": lambda: cached(prompt),
+            "speculative": lambda spec=spec: spec(ts, ds, jnp.asarray(prompt),
+                                                  jnp.asarray(lengths))}, args.rounds)
+        (t_plain, plain), (t_spec, out) = ((t["greedy"], outs["greedy"]),
+                                           (t["speculative"], outs["speculative"]))
         alpha = float(out.acceptance_rate)
         predicted = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1.0
+        tokens_per_call = float(out.tokens_per_target_call)
         rows.append({"section": "speculative", "batch": 1, "gamma": gamma, "new_tokens": new,
                      "greedy_s": t_plain, "speculative_s": t_spec, "speedup": t_plain / t_spec,
+                     "target_step_ms": step_s * 1e3, "target_verify_ms": verify_s * 1e3,
+                     "drafter_step_ms": draft_s * 1e3,
+                     # The cost model: a round = one verify call + gamma drafter calls.
+                     "modelled_speedup": tokens_per_call * step_s / (verify_s + gamma * draft_s),
+                     # ... and where verifying gamma + 1 tokens costs one step (bandwidth-bound
+                     # decoding, as on GPU / TPU at batch 1).
+                     "speedup_if_verify_costs_one_step":
+                         tokens_per_call * step_s / (step_s + gamma * draft_s),
                      "acceptance_rate": alpha,
-                     "tokens_per_target_call": float(out.tokens_per_target_call),
+                     "tokens_per_target_call": tokens_per_call,
                      "predicted_tokens_per_call": predicted,
                      "identical": bool(np.array_equal(np.asarray(out.tokens),
                                                       np.asarray(plain)))})
@@ -280,7 +333,6 @@ def section_prefix(target: Loaded, ids, args) -> list[dict]:
 def section_quant(target: Loaded, ids, args) -> list[dict]:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from t5x_like import quantization
@@ -306,7 +358,7 @@ def section_quant(target: Loaded, ids, args) -> list[dict]:
     full_bytes = quantization.weight_bytes(target.network)["total"]
     rows = [{"section": "quant", "weights": "float32", "tokens_per_s": new / t_full,
              "weight_mb": full_bytes / 2**20, "heldout_ce": float(full_ce),
-             "max_logit_diff": 0.0, "greedy_agreement": 1.0}]
+             "max_logit_diff": 0.0, "top1_agreement": 1.0}]
     for mode in ("int8", "int4"):
         qnet = quantization.quantize(target.network, mode)
         q_fn, _ = _greedy_fns(qnet, new)
@@ -316,9 +368,19 @@ def section_quant(target: Loaded, ids, args) -> list[dict]:
                      "weight_mb": quantization.weight_bytes(qnet)["total"] / 2**20,
                      "heldout_ce": float(ce),
                      "max_logit_diff": float(jnp.max(jnp.abs(logits - full_logits))),
-                     "greedy_agreement": float(np.mean(np.asarray(q_out) ==
-                                                       np.asarray(full_out)))})
+                     # Teacher-forced: the same next-token argmax at every held-out position.
+                     "top1_agreement": float(jnp.mean(jnp.argmax(logits, -1) ==
+                                                      jnp.argmax(full_logits, -1))),
+                     "first_greedy_divergence": _first_divergence(q_out, full_out)})
     return rows
+
+
+def _first_divergence(a, b) -> int:
+    """The first position where greedy outputs a and b [1, S] differ (S if never)."""
+    import numpy as np
+
+    diff = np.nonzero(np.asarray(a)[0] != np.asarray(b)[0])[0]
+    return int(diff[0]) if diff.size else int(np.asarray(a).shape[1])
 
 
 def section_batching(target: Loaded, ids, args) -> list[dict]:
@@ -368,6 +430,13 @@ def _text(rows: list[dict], models: dict) -> str:
              f"{r['speedup']:.2f}x", f"{r['acceptance_rate']:.3f}",
              f"{r['tokens_per_target_call']:.2f}", f"{r['predicted_tokens_per_call']:.2f}",
              str(r["identical"])) for r in by["speculative"]]]), ""]
+        lines += [*report.table([("cost per call", "gamma", "target 1 tok ms",
+                                "target verify ms", "drafter ms", "modelled speedup",
+                                "if verify = 1 step"), *[
+            ("batch 1", str(r["gamma"]), f"{r['target_step_ms']:.2f}",
+             f"{r['target_verify_ms']:.2f}", f"{r['drafter_step_ms']:.2f}",
+             f"{r['modelled_speedup']:.2f}x", f"{r['speedup_if_verify_costs_one_step']:.2f}x")
+            for r in by["speculative"]]]), ""]
     if by["prefix"]:
         lines += [*report.table([("prefix cache", "shared tokens", "cold TTFT ms",
                                 "cached TTFT ms", "speedup", "same tokens"), *[
@@ -376,10 +445,11 @@ def _text(rows: list[dict], models: dict) -> str:
              f"{r['speedup']:.2f}x", str(r["identical"])) for r in by["prefix"]]]), ""]
     if by["quant"]:
         lines += [*report.table([("weights", "tok/s (B=1)", "weight MB", "held-out CE",
-                                "max |dlogit|", "greedy agreement"), *[
+                                "max |dlogit|", "top-1 agreement", "greedy same until"), *[
             (r["weights"], f"{r['tokens_per_s']:.1f}", f"{r['weight_mb']:.1f}",
              f"{r['heldout_ce']:.4f}", f"{r['max_logit_diff']:.4f}",
-             f"{r['greedy_agreement']:.3f}") for r in by["quant"]]]), ""]
+             f"{r['top1_agreement']:.4f}", str(r.get("first_greedy_divergence", "-")))
+            for r in by["quant"]]]), ""]
     if by["batching"]:
         lines += [*report.table([("continuous batching", "requests", "8 slots tok/s",
                                 "1 at a time tok/s", "speedup", "same tokens"), *[

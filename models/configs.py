@@ -1,23 +1,42 @@
 """What every family's frozen config dataclass shares.
 
-`NetworkConfig` is a mixin (no dataclass fields of its own): `_check_common()` turns
-gin-given values into hashable, printable ones (lists -> tuples, dtype objects -> names)
-and runs the checks every family needs, each error naming the value and the fix; the
-derived sizes are properties. A family's `__post_init__` calls it, then checks its own
-fields.
+`NetworkConfig` is the frozen base dataclass of every family config. Its own fields (the
+attention kernel and its tile sizes) are keyword-only, so they come after the family's
+fields and never shift positional arguments. `_check_common()` turns gin-given values
+into hashable, printable ones (lists -> tuples, dtype objects -> names) and runs the
+checks every family needs, each error naming the value and the fix; the derived sizes
+are properties. A family's `__post_init__` calls it, then checks its own fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import jax.numpy as jnp
 
-from models import layers
+from models import attention, layers
 
 
+@dataclasses.dataclass(frozen=True)
 class NetworkConfig:
-    """Mixin for a frozen config dataclass with the usual transformer fields."""
+    """Base of a frozen config dataclass with the usual transformer fields.
+
+    attention_impl: the kernel of every attention layer, one of
+    `attention.IMPLEMENTATIONS`. 'xla' (default) is the naive einsum with dense
+    [B, 1, T, S] masks and biases; any other value makes the teacher-forced passes
+    describe masks structurally (`attention.AttentionSpec`) and compute the T5 relative
+    bias per tile, so that 'blockwise' keeps memory linear in the sequence length.
+    'blockwise' and the fused kernels do not drop attention weights: a training step
+    with dropout_rate > 0 raises (use 'xla', or 'auto' which falls back to it).
+    attention_block_q / attention_block_k: the tiles of 'blockwise' (and Pallas).
+    """
+
+    attention_impl: str = dataclasses.field(default="xla", kw_only=True)
+    attention_block_q: int = dataclasses.field(default=attention.DEFAULT_BLOCK_Q,
+                                               kw_only=True)
+    attention_block_k: int = dataclasses.field(default=attention.DEFAULT_BLOCK_K,
+                                               kw_only=True)
 
     # Fields that must be positive Python ints (the family's sizes).
     POSITIVE_INT_FIELDS: ClassVar[tuple[str, ...]] = ()
@@ -62,6 +81,23 @@ class NetworkConfig:
                              "@moe.MoeConfig()) or None (dense)")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon} must be > 0")
+        attention.check_implementation(self.attention_impl, "attention_impl")
+        for field in ("attention_block_q", "attention_block_k"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{field}={value!r} must be a positive integer, e.g. 256")
+
+    @property
+    def attention_kwargs(self) -> dict:
+        """`implementation`, `block_q`, `block_k` for every `layers.MultiHeadAttention`."""
+        return {"implementation": self.attention_impl, "block_q": self.attention_block_q,
+                "block_k": self.attention_block_k}
+
+    @property
+    def structural_masks(self) -> bool:
+        """Whether the teacher-forced passes give attention an `AttentionSpec` and a
+        bias_fn instead of dense [B, 1, T, S] masks and [1, N, T, S] biases."""
+        return self.attention_impl != "xla"
 
     @property
     def kv_heads(self) -> int:

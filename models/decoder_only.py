@@ -10,7 +10,9 @@ One network for both lines, chosen by `DecoderOnlyConfig` fields:
 Pre-norm blocks: x + attention(norm(x)), x + mlp(norm(x)), a final norm, then logits.
 Attention is `layers.MultiHeadAttention` (logits scaled by 1/sqrt(head_dim)), with RoPE
 applied to queries and keys through its `rope` hook. One boolean mask [B|1, 1, T, S] and
-one set of RoPE tables are built per call and shared by every layer.
+one set of RoPE tables are built per call and shared by every layer; with
+`attention_impl` other than 'xla' they describe the mask as an `AttentionSpec` instead
+(the same rules, per token), which 'blockwise' evaluates per tile.
 
 Masks (query q may attend key k, both token indices in the row / cache slots):
     causal       k <= q
@@ -246,6 +248,7 @@ class DecoderLayer(nnx.Module):
             num_kv_heads=config.num_kv_heads, dropout_rate=config.dropout_rate,
             use_bias=config.use_bias, qkv_bias=config.qkv_bias, kernel_init=_init(config),
             out_kernel_init=_init(config, residual=True), rngs=rngs, **_dense_kwargs(config),
+            **config.attention_kwargs,
         )
         self.pre_mlp_layer_norm = _norm(config, rngs)
         self.mlp = moe_lib.feed_forward(
@@ -257,11 +260,12 @@ class DecoderLayer(nnx.Module):
         self.dropout = _dropout(config)
 
     def __call__(
-        self, x: Array, *, mask: Array | None, rope: layers.Rope | None,
-        cache: layers.KVCache | None, cache_index: Array | None, deterministic: bool,
-        rngs: nnx.Rngs | None, token_mask: Array | None = None,
+        self, x: Array, *, mask: Array | layers.AttentionSpec | None,
+        rope: layers.Rope | None, cache: layers.KVCache | None, cache_index: Array | None,
+        deterministic: bool, rngs: nnx.Rngs | None, token_mask: Array | None = None,
     ) -> tuple[Array, layers.KVCache | None]:
-        """[B, T, D] -> ([B, T, D], the updated cache or None). token_mask [B, T]: real
+        """[B, T, D] -> ([B, T, D], the updated cache or None). mask: dense, or an
+        `AttentionSpec` (attention_impl other than 'xla'). token_mask [B, T]: real
         tokens (an MoE block routes padding nowhere)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         h = self.pre_self_attention_layer_norm(x)
@@ -313,7 +317,8 @@ class DecoderOnly(nnx.Module):
             )
 
     def _stack(
-        self, tokens: Array, positions: Array, mask: Array, caches: tuple | None,
+        self, tokens: Array, positions: Array, mask: Array | layers.AttentionSpec,
+        caches: tuple | None,
         cache_index: Array | None, deterministic: bool, rngs: nnx.Rngs | None,
         token_mask: Array | None = None,
     ) -> tuple[Array, tuple[layers.KVCache, ...] | None]:
@@ -356,9 +361,14 @@ class DecoderOnly(nnx.Module):
                              f"raise max_length or shorten the inputs")
         index = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
         prefix = None if prefix_mask is None else jnp.asarray(prefix_mask).astype(jnp.bool_)
-        mask = attention_mask(index, index, query_prefix=prefix, key_prefix=prefix,
-                              query_segments=segment_ids, key_segments=segment_ids,
-                              sliding_window=cfg.sliding_window)  # [B|1, 1, T, T]
+        if cfg.structural_masks:  # the same mask, per token (default indices 0..T-1)
+            mask = layers.AttentionSpec(
+                causal=True, sliding_window=cfg.sliding_window, query_prefix=prefix,
+                key_prefix=prefix, query_segment_ids=segment_ids, key_segment_ids=segment_ids)
+        else:
+            mask = attention_mask(index, index, query_prefix=prefix, key_prefix=prefix,
+                                  query_segments=segment_ids, key_segments=segment_ids,
+                                  sliding_window=cfg.sliding_window)  # [B|1, 1, T, T]
         positions = index[0] if positions is None else positions.astype(jnp.int32)
         if token_mask is None and segment_ids is not None:
             token_mask = segment_ids > 0
@@ -392,9 +402,10 @@ class DecoderOnly(nnx.Module):
         if max_length > cfg.max_length:
             raise ValueError(f"cache max_length {max_length} exceeds the config's "
                              f"max_length={cfg.max_length}; raise it or decode less")
-        empty = layers.KVCache.zeros(batch_size, max_length, cfg.kv_heads, cfg.head_dim,
-                                     cfg.activation_dtype)
-        return DecoderOnlyCache(layers=tuple(empty for _ in self.layers),
+        # One buffer per layer (not one shared): a cache passed to a jit is donatable.
+        return DecoderOnlyCache(layers=tuple(
+            layers.KVCache.zeros(batch_size, max_length, cfg.kv_heads, cfg.head_dim,
+                                 cfg.activation_dtype) for _ in self.layers),
                                 index=jnp.zeros((batch_size,), jnp.int32))
 
     def decode(
@@ -421,8 +432,13 @@ class DecoderOnly(nnx.Module):
             in_call = (new >= 0) & (new < t)
             key_prefix = in_call & jnp.take_along_axis(
                 query_prefix, jnp.clip(new, 0, t - 1), axis=1)  # [B, L]
-        mask = attention_mask(query_index, key_index, query_prefix=query_prefix,
-                              key_prefix=key_prefix, sliding_window=cfg.sliding_window)
+        if cfg.structural_masks:
+            mask = layers.AttentionSpec(
+                causal=True, sliding_window=cfg.sliding_window, query_index=query_index,
+                key_index=key_index, query_prefix=query_prefix, key_prefix=key_prefix)
+        else:
+            mask = attention_mask(query_index, key_index, query_prefix=query_prefix,
+                                  key_prefix=key_prefix, sliding_window=cfg.sliding_window)
         x, caches = self._stack(tokens, query_index, mask, cache.layers, cache.index,
                                 deterministic, rngs, token_mask)
         return self.logits(x), DecoderOnlyCache(layers=caches, index=cache.index + t)

@@ -6,7 +6,9 @@ dropout on embeddings and after every attention / MLP block; untied output logit
 v1.1 (tied logits are scaled by 1/sqrt(emb_dim) as in T5).
 
 Packing: segment ids make every attention block-diagonal; positions (reset per segment)
-feed the relative bias. Decoding: `init_cache` projects the encoder output into every
+feed the relative bias. With `attention_impl` other than 'xla' the masks are
+`AttentionSpec`s and the relative bias is a `bias_fn` evaluated per tile, never a
+[B, N, T, S] array in 'blockwise'. Decoding: `init_cache` projects the encoder output into every
 layer's cross-attention K/V once; `decode(..., cache=c)` then feeds T >= 1 new tokens per
 call. Shape letters are those of `models/layers.py`.
 """
@@ -156,6 +158,7 @@ def _attention(config: T5Config, rngs: nnx.Rngs) -> layers.MultiHeadAttention:
         config.emb_dim, config.num_heads, config.head_dim,
         num_kv_heads=config.num_kv_heads, dropout_rate=config.dropout_rate,
         scale_in_query_init=True, rngs=rngs, **_dense_kwargs(config),
+        **config.attention_kwargs,
     )
 
 
@@ -200,12 +203,15 @@ class EncoderLayer(nnx.Module):
         self.mlp = _mlp(config, index, f"encoder/layers_{index}", rngs)
         self.dropout = _dropout(config)
 
-    def __call__(self, x: Array, *, mask: Array | None, bias: Array,
-                 deterministic: bool, rngs: nnx.Rngs | None,
-                 token_mask: Array | None = None) -> Array:
-        """[B, S, D] -> [B, S, D]; token_mask [B, S]: real tokens (for MoE routing)."""
+    def __call__(self, x: Array, *, mask: Array | layers.AttentionSpec | None,
+                 bias: Array | None, deterministic: bool, rngs: nnx.Rngs | None,
+                 token_mask: Array | None = None,
+                 bias_fn: layers.attention_lib.BiasFn | None = None) -> Array:
+        """[B, S, D] -> [B, S, D]; token_mask [B, S]: real tokens (for MoE routing);
+        the relative bias is given dense (`bias`) or per tile (`bias_fn`)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
-        y = self.attention(self.pre_attention_layer_norm(x), mask=mask, bias=bias, **kw)
+        y = self.attention(self.pre_attention_layer_norm(x), mask=mask, bias=bias,
+                           bias_fn=bias_fn, **kw)
         x = _constrain(x + self.dropout(y, **kw))
         y = self.mlp(self.pre_mlp_layer_norm(x), token_mask=token_mask, **kw)
         return _constrain(x + self.dropout(y, **kw))
@@ -224,19 +230,21 @@ class DecoderLayer(nnx.Module):
         self.dropout = _dropout(config)
 
     def __call__(
-        self, x: Array, cross_kv: layers.KVCache, *, self_mask: Array | None,
-        cross_mask: Array | None, bias: Array, self_cache: layers.KVCache | None,
-        cache_index: Array | None, deterministic: bool, rngs: nnx.Rngs | None,
-        token_mask: Array | None = None,
+        self, x: Array, cross_kv: layers.KVCache, *,
+        self_mask: Array | layers.AttentionSpec | None,
+        cross_mask: Array | layers.AttentionSpec | None, bias: Array | None,
+        self_cache: layers.KVCache | None, cache_index: Array | None, deterministic: bool,
+        rngs: nnx.Rngs | None, token_mask: Array | None = None,
+        bias_fn: layers.attention_lib.BiasFn | None = None,
     ) -> tuple[Array, layers.KVCache | None]:
         """[B, T, D] -> ([B, T, D], updated self-attention cache or None)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         h = self.pre_self_attention_layer_norm(x)
         if self_cache is None:
-            y = self.self_attention(h, mask=self_mask, bias=bias, **kw)
+            y = self.self_attention(h, mask=self_mask, bias=bias, bias_fn=bias_fn, **kw)
         else:
             y, self_cache = self.self_attention.cached_self_attention(
-                h, self_cache, cache_index, mask=self_mask, bias=bias, **kw)
+                h, self_cache, cache_index, mask=self_mask, bias=bias, bias_fn=bias_fn, **kw)
         x = _constrain(x + self.dropout(y, **kw))
         h = self.pre_cross_attention_layer_norm(x)
         y = self.encoder_decoder_attention.attend(h, cross_kv, mask=cross_mask, **kw)
@@ -256,14 +264,16 @@ class Encoder(nnx.Module):
         self.encoder_norm = _norm(config, rngs)
         self.output_dropout = _dropout(config, broadcast_length=False)
 
-    def __call__(self, x: Array, *, mask: Array | None, positions: Array,
-                 deterministic: bool, rngs: nnx.Rngs | None,
+    def __call__(self, x: Array, *, mask: Array | layers.AttentionSpec | None,
+                 positions: Array, deterministic: bool, rngs: nnx.Rngs | None,
                  token_mask: Array | None = None) -> Array:
         kw = {"deterministic": deterministic, "rngs": rngs}
-        bias = self.relpos_bias(positions, positions)  # [B|1, N, S, S], once per stack
+        bias, bias_fn = _relative_bias(self.relpos_bias, mask, positions, positions)
+        if isinstance(mask, layers.AttentionSpec):
+            mask = mask.replace(query_positions=positions, key_positions=positions)
         x = _constrain(self.input_dropout(x, **kw))
         for layer in self.layers:
-            x = layer(x, mask=mask, bias=bias, token_mask=token_mask, **kw)
+            x = layer(x, mask=mask, bias=bias, bias_fn=bias_fn, token_mask=token_mask, **kw)
         return _constrain(self.output_dropout(self.encoder_norm(x), **kw))
 
 
@@ -285,16 +295,58 @@ class Decoder(nnx.Module):
         deterministic: bool, rngs: nnx.Rngs | None, token_mask: Array | None = None,
     ) -> tuple[Array, tuple[layers.KVCache, ...] | None]:
         kw = {"deterministic": deterministic, "rngs": rngs}
-        bias = self.relpos_bias(query_positions, key_positions)  # [B|1, N, T, S|L]
+        bias, bias_fn = _relative_bias(self.relpos_bias, self_mask, query_positions,
+                                       key_positions)
+        if isinstance(self_mask, layers.AttentionSpec):
+            self_mask = self_mask.replace(query_positions=query_positions,
+                                          key_positions=key_positions)
         y = _constrain(self.input_dropout(y, **kw))
         new_cache = []
         for i, layer in enumerate(self.layers):
             y, c = layer(y, cross_kv[i], self_mask=self_mask, cross_mask=cross_mask,
-                         bias=bias, self_cache=None if self_cache is None else self_cache[i],
+                         bias=bias, bias_fn=bias_fn,
+                         self_cache=None if self_cache is None else self_cache[i],
                          cache_index=cache_index, token_mask=token_mask, **kw)
             new_cache.append(c)
         y = _constrain(self.output_dropout(self.decoder_norm(y), **kw))
         return y, (None if self_cache is None else tuple(new_cache))
+
+
+def _relative_bias(
+    relpos: layers.RelativePositionBiases, mask: Array | layers.AttentionSpec | None,
+    query_positions: Array, key_positions: Array,
+) -> tuple[Array | None, layers.RelativePositionBiases | None]:
+    """(bias, bias_fn) of one stack: the dense [B|1, N, T, S] bias, computed once and
+    shared by every layer; or, with a structural mask, the module itself as bias_fn."""
+    if isinstance(mask, layers.AttentionSpec):
+        return None, relpos
+    return relpos(query_positions, key_positions), None
+
+
+def _teacher_forced_masks(
+    config: T5Config, encoder_input_tokens: Array, decoder_input_tokens: Array,
+    encoder_segment_ids: Array | None, decoder_segment_ids: Array | None,
+) -> tuple[Array | layers.AttentionSpec, Array | layers.AttentionSpec]:
+    """The decoder's (self, cross) attention masks over all T tokens: causal and
+    encoder-padding, packed when segment ids are given; dense [B, 1, T, T] / [B, 1, T, S]
+    masks, or `AttentionSpec`s with `config.structural_masks`."""
+    if config.structural_masks:
+        self_mask = layers.AttentionSpec(
+            causal=True, query_segment_ids=decoder_segment_ids,
+            key_segment_ids=decoder_segment_ids)
+        cross_mask = layers.AttentionSpec(
+            key_valid=encoder_input_tokens > 0, query_segment_ids=decoder_segment_ids,
+            key_segment_ids=encoder_segment_ids)
+        return self_mask, cross_mask
+    self_mask = layers.make_causal_mask(decoder_input_tokens)  # [B, 1, T, T]
+    cross_mask = layers.make_attention_mask(  # [B, 1, T, S]
+        jnp.ones_like(decoder_input_tokens, jnp.bool_), encoder_input_tokens > 0)
+    if decoder_segment_ids is not None:
+        self_mask = layers.combine_masks(self_mask, layers.make_segment_mask(
+            decoder_segment_ids, decoder_segment_ids))
+        cross_mask = layers.combine_masks(cross_mask, layers.make_segment_mask(
+            decoder_segment_ids, encoder_segment_ids))
+    return self_mask, cross_mask
 
 
 def _default_positions(tokens: Array) -> Array:
@@ -347,10 +399,15 @@ class EncoderDecoder(nnx.Module):
         """Encoder tokens [B, S] -> encoded [B, S, D] (activation dtype)."""
         rngs = _as_rngs(rngs, deterministic, self.config)
         valid = encoder_input_tokens > 0
-        mask = layers.make_attention_mask(valid, valid)  # [B, 1, S, S]
-        if encoder_segment_ids is not None:
-            mask = layers.combine_masks(
-                mask, layers.make_segment_mask(encoder_segment_ids, encoder_segment_ids))
+        if self.config.structural_masks:
+            mask = layers.AttentionSpec(
+                query_valid=valid, key_valid=valid, query_segment_ids=encoder_segment_ids,
+                key_segment_ids=encoder_segment_ids)
+        else:
+            mask = layers.make_attention_mask(valid, valid)  # [B, 1, S, S]
+            if encoder_segment_ids is not None:
+                mask = layers.combine_masks(
+                    mask, layers.make_segment_mask(encoder_segment_ids, encoder_segment_ids))
         if encoder_positions is None:
             encoder_positions = _default_positions(encoder_input_tokens)
         x = self.token_embedder(encoder_input_tokens)
@@ -388,14 +445,9 @@ class EncoderDecoder(nnx.Module):
         y = self.token_embedder(decoder_input_tokens)
         kw = {"deterministic": deterministic, "rngs": rngs}
         if cache is None:
-            self_mask = layers.make_causal_mask(decoder_input_tokens)  # [B, 1, T, T]
-            cross_mask = layers.make_attention_mask(  # [B, 1, T, S]
-                jnp.ones_like(decoder_input_tokens, jnp.bool_), encoder_input_tokens > 0)
-            if decoder_segment_ids is not None:
-                self_mask = layers.combine_masks(self_mask, layers.make_segment_mask(
-                    decoder_segment_ids, decoder_segment_ids))
-                cross_mask = layers.combine_masks(cross_mask, layers.make_segment_mask(
-                    decoder_segment_ids, encoder_segment_ids))
+            self_mask, cross_mask = _teacher_forced_masks(
+                self.config, encoder_input_tokens, decoder_input_tokens, encoder_segment_ids,
+                decoder_segment_ids)
             if decoder_positions is None:
                 decoder_positions = _default_positions(decoder_input_tokens)
             if decoder_token_mask is None and decoder_segment_ids is not None:
@@ -414,8 +466,13 @@ class EncoderDecoder(nnx.Module):
         t = decoder_input_tokens.shape[1]
         query_positions = cache.index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T]
         key_positions = jnp.arange(cache.max_length, dtype=jnp.int32)  # [L]
-        self_mask = layers.make_cache_mask(cache.index, t, cache.max_length)  # [B, 1, T, L]
-        cross_mask = cache.encoder_mask[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
+        if self.config.structural_masks:  # the cache mask: slot <= the query's slot
+            self_mask = layers.AttentionSpec(causal=True, query_index=query_positions,
+                                             key_index=key_positions[None])
+            cross_mask = layers.AttentionSpec(key_valid=cache.encoder_mask)
+        else:
+            self_mask = layers.make_cache_mask(cache.index, t, cache.max_length)  # [B, 1, T, L]
+            cross_mask = cache.encoder_mask[:, None, None, :]  # [B, S] -> [B, 1, 1, S]
         y, self_cache = self.decoder(
             y, cache.cross_attention, self_mask=self_mask, cross_mask=cross_mask,
             query_positions=query_positions, key_positions=key_positions,
@@ -457,10 +514,11 @@ class EncoderDecoder(nnx.Module):
         encoder_mask = encoder_input_tokens > 0  # [B, S]
         if encoder_segment_ids is not None:
             encoder_mask = jnp.logical_and(encoder_mask, encoder_segment_ids > 0)
-        empty = layers.KVCache.zeros(batch, max_decode_length, cfg.kv_heads, cfg.head_dim,
-                                     cfg.activation_dtype)
+        # One buffer per layer (not one shared): a cache passed to a jit is donatable.
         return DecoderCache(
-            self_attention=tuple(empty for _ in self.decoder.layers),
+            self_attention=tuple(
+                layers.KVCache.zeros(batch, max_decode_length, cfg.kv_heads, cfg.head_dim,
+                                     cfg.activation_dtype) for _ in self.decoder.layers),
             cross_attention=tuple(layer.encoder_decoder_attention.project_kv(encoded)
                                   for layer in self.decoder.layers),
             encoder_mask=encoder_mask,

@@ -143,7 +143,7 @@ class EncoderLayer(nnx.Module):
         self.attention = layers.MultiHeadAttention(
             config.emb_dim, config.num_heads, config.head_dim,
             dropout_rate=config.dropout_rate, use_bias=True, scale_in_query_init=False,
-            kernel_init=_init, rngs=rngs, **_dtypes(config),
+            kernel_init=_init, rngs=rngs, **_dtypes(config), **config.attention_kwargs,
         )
         self.post_attention_layer_norm = _norm(config, rngs)
         # BERT has no dropout inside the MLP; it drops the block's output (self.dropout).
@@ -155,8 +155,9 @@ class EncoderLayer(nnx.Module):
         self.post_mlp_layer_norm = _norm(config, rngs)
         self.dropout = _dropout(config)
 
-    def __call__(self, x: Array, *, mask: Array | None, deterministic: bool,
-                 rngs: nnx.Rngs | None, token_mask: Array | None = None) -> Array:
+    def __call__(self, x: Array, *, mask: Array | layers.AttentionSpec | None,
+                 deterministic: bool, rngs: nnx.Rngs | None,
+                 token_mask: Array | None = None) -> Array:
         """[B, T, D] -> [B, T, D]; token_mask [B, T]: real tokens (for MoE routing)."""
         kw = {"deterministic": deterministic, "rngs": rngs}
         y = self.attention(x, mask=mask, **kw)
@@ -260,10 +261,14 @@ class EncoderOnly(nnx.Module):
                 )
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)  # [T], shared
         # Padding is masked as a key only (BERT); padding queries are never read.
-        mask = (tokens > 0)[:, None, None, :]  # [B, 1, 1, S]
-        if segment_ids is not None:
-            mask = layers.combine_masks(mask, layers.make_segment_mask(segment_ids,
-                                                                       segment_ids))
+        if cfg.structural_masks:
+            mask = layers.AttentionSpec(key_valid=tokens > 0, query_segment_ids=segment_ids,
+                                        key_segment_ids=segment_ids)
+        else:
+            mask = (tokens > 0)[:, None, None, :]  # [B, 1, 1, S]
+            if segment_ids is not None:
+                mask = layers.combine_masks(mask, layers.make_segment_mask(segment_ids,
+                                                                           segment_ids))
         kw = {"deterministic": deterministic, "rngs": rngs}
         x = self.embeddings(tokens, token_type_ids=token_type_ids, positions=positions, **kw)
         for layer in self.layers:

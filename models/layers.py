@@ -35,16 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from models import attention as attention_lib
+from models.attention import NEG_INF as NEG_INF  # re-exported: the naive path's mask value
+from models.attention import AttentionSpec as AttentionSpec
+from models.attention import dot_product_attention as dot_product_attention
 from partitioning import rules
 
 Array = jax.Array
 DType = Any  # a jnp dtype or its name, e.g. jnp.bfloat16 or "bfloat16"
 Initializer = jax.nn.initializers.Initializer
 Axes = Sequence[str | None]
-
-# Large negative logit for masked keys. A finite value keeps fully masked rows (padding
-# queries) finite: they become a uniform average instead of NaN.
-NEG_INF = -1e10
 
 # T5X's initialisers. Kernels are initialised on their 2-D (fan_in, fan_out) view, see
 # `DenseGeneral`, so fan_in of the query kernel [D, N, H] is D.
@@ -544,48 +544,6 @@ class KVCache:
         return KVCache(k=self.k[indices], v=self.v[indices])
 
 
-def _split_heads(x: Array, num_kv_heads: int) -> Array:
-    """Mask or bias [B, N or 1, T, S] -> [B, K or 1, G or 1, T, S]."""
-    if x.shape[1] == 1:
-        return x[:, :, None]
-    return x.reshape(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
-
-
-def dot_product_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    *,
-    mask: Array | None = None,
-    bias: Array | None = None,
-    scale: float = 1.0,
-    dropout: Callable[[Array], Array] | None = None,
-) -> Array:
-    """softmax(scale * q.k + bias, masked) . v with grouped kv heads.
-
-    query [B, T, N, H], key/value [B, S, K, H] with N a multiple of K (K == N: MHA,
-    K == 1: MQA); mask (bool) and bias broadcastable to [B, N, T, S] with a head dim of
-    N or 1. Logits and softmax are float32; returns [B, T, N, H] in value's dtype.
-    """
-    b, t, n, h = query.shape
-    k_heads = key.shape[2]
-    if n % k_heads:
-        raise ValueError(f"num_heads {n} is not a multiple of num_kv_heads {k_heads}")
-    q = query.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, N, H] -> [B, T, K, G, H]
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
-    if scale != 1.0:
-        logits = logits * scale
-    if bias is not None:
-        logits = logits + _split_heads(bias, k_heads).astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(_split_heads(mask, k_heads), logits, NEG_INF)
-    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # [B, K, G, T, S]
-    if dropout is not None:
-        weights = dropout(weights)
-    out = jnp.einsum("bkgts,bskh->btkgh", weights, value)
-    return out.reshape(b, t, n, h)  # [B, T, K, G, H] -> [B, T, N, H]
-
-
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention: self, causal, cross; MHA / GQA / MQA; optional KV cache.
 
@@ -598,6 +556,12 @@ class MultiHeadAttention(nnx.Module):
 
     `rope` (a `Rope`, self-attention only) rotates queries and keys right after their
     projections, so a KV cache holds rotated keys (Llama).
+
+    `implementation` picks the attention kernel (`attention.IMPLEMENTATIONS`; 'xla', the
+    default, is the naive `dot_product_attention`). Every call takes a dense bool `mask`
+    or a structural one (an `AttentionSpec`), and a dense `bias` and / or a `bias_fn`
+    (e.g. `RelativePositionBiases`, at the spec's positions): 'blockwise' evaluates the
+    structural ones per [block_q, block_k] tile, the others materialise them as needed.
     """
 
     def __init__(
@@ -617,8 +581,12 @@ class MultiHeadAttention(nnx.Module):
         out_kernel_init: Initializer | None = None,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
+        implementation: str = "xla",
+        block_q: int = attention_lib.DEFAULT_BLOCK_Q,
+        block_k: int = attention_lib.DEFAULT_BLOCK_K,
         rngs: nnx.Rngs,
     ):
+        attention_lib.check_implementation(implementation)
         num_kv_heads = num_kv_heads or num_heads
         if num_heads % num_kv_heads:
             raise ValueError(
@@ -627,6 +595,8 @@ class MultiHeadAttention(nnx.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.implementation = implementation
+        self.block_q, self.block_k = block_q, block_k
         self.scale = 1.0 if scale_in_query_init else head_dim**-0.5
         query_init = kernel_init
         if scale_in_query_init:
@@ -671,29 +641,41 @@ class MultiHeadAttention(nnx.Module):
         inputs_q: Array,
         kv: KVCache,
         *,
-        mask: Array | None = None,
+        mask: Array | AttentionSpec | None = None,
         bias: Array | None = None,
+        bias_fn: attention_lib.BiasFn | None = None,
         rope: Rope | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Array:
         """Queries from inputs_q [B, T, D] attend to given keys/values [B, S, K, H].
 
-        mask: bool [B|1, N|1, T, S]; bias: [B|1, N|1, T, S]; rope: rotates the queries
-        at the positions of `inputs_q`. Returns [B, T, D].
+        mask: bool [B|1, N|1, T, S] or an `AttentionSpec`; bias: [B|1, N|1, T, S];
+        bias_fn(query_positions, key_positions) -> [B|1, N, T, S] at the spec's
+        positions (see `attention.blockwise_attention`); rope: rotates the queries at the
+        positions of `inputs_q`. Returns [B, T, D].
         """
         q = self.query(inputs_q)
         if rope is not None:
             q = rope(q)
         q = _constrain(q, ("batch", "length", "heads", "kv"))
-        x = dot_product_attention(
+        spec = mask if isinstance(mask, AttentionSpec) else None
+        dropout = None
+        if not deterministic and self.dropout.rate > 0:
+            dropout = lambda w: self.dropout(w, deterministic=False, rngs=rngs)
+        x = attention_lib.attention(
             q,
             kv.k.astype(q.dtype),
             kv.v.astype(q.dtype),
-            mask=mask,
+            mask=None if spec is not None else mask,
             bias=bias,
+            spec=spec,
+            bias_fn=bias_fn,
             scale=self.scale,
-            dropout=lambda w: self.dropout(w, deterministic=deterministic, rngs=rngs),
+            dropout=dropout,
+            implementation=self.implementation,
+            block_q=self.block_q,
+            block_k=self.block_k,
         )
         x = _constrain(x, ("batch", "length", "heads", "kv"))
         return _constrain(self.out(x), ("batch", "length", "embed"))
@@ -703,21 +685,23 @@ class MultiHeadAttention(nnx.Module):
         inputs_q: Array,
         inputs_kv: Array | None = None,
         *,
-        mask: Array | None = None,
+        mask: Array | AttentionSpec | None = None,
         bias: Array | None = None,
+        bias_fn: attention_lib.BiasFn | None = None,
         rope: Rope | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> Array:
         """Self-attention (inputs_kv None) or cross-attention: [B, T, D] -> [B, T, D].
 
-        `rope` (self-attention only) rotates queries and keys at the same positions.
+        `rope` (self-attention only) rotates queries and keys at the same positions;
+        mask / bias / bias_fn as in `attend`.
         """
         if rope is not None and inputs_kv is not None:
             raise ValueError("rope applies to self-attention only (queries and keys share "
                              "positions); pass inputs_kv=None")
         kv = self.project_kv(inputs_q if inputs_kv is None else inputs_kv, rope=rope)
-        return self.attend(inputs_q, kv, mask=mask, bias=bias, rope=rope,
+        return self.attend(inputs_q, kv, mask=mask, bias=bias, bias_fn=bias_fn, rope=rope,
                            deterministic=deterministic, rngs=rngs)
 
     def cached_self_attention(
@@ -726,21 +710,23 @@ class MultiHeadAttention(nnx.Module):
         cache: KVCache,
         index: Array,
         *,
-        mask: Array | None = None,
+        mask: Array | AttentionSpec | None = None,
         bias: Array | None = None,
+        bias_fn: attention_lib.BiasFn | None = None,
         rope: Rope | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[Array, KVCache]:
         """Writes the K/V of T new tokens [B, T, D] at index[b].. and attends over the cache.
 
-        `mask` [B, 1, T, L] must hide slots after each query (see `make_cache_mask`).
-        `rope`: tables at the new tokens' positions (index[b] + t); the cache stores
-        rotated keys. Returns ([B, T, D], the updated cache).
+        `mask` [B, 1, T, L] must hide slots after each query (see `make_cache_mask`; as
+        an `AttentionSpec`: causal with query_index [B, T] = index[b] + t and key_index
+        the slots). `rope`: tables at the new tokens' positions (index[b] + t); the cache
+        stores rotated keys. Returns ([B, T, D], the updated cache).
         """
         new = self.project_kv(inputs, rope=rope)
         cache = cache.write(new.k, new.v, index)
-        out = self.attend(inputs, cache, mask=mask, bias=bias, rope=rope,
+        out = self.attend(inputs, cache, mask=mask, bias=bias, bias_fn=bias_fn, rope=rope,
                           deterministic=deterministic, rngs=rngs)
         return out, cache
 

@@ -426,9 +426,7 @@ class Engine:
                     f"network); raise max_bytes to >= {block_bytes} or lower block_size")
 
         self._graphdef, self._state = nnx.split(network)
-        # init_cache shares one zeros buffer between leaves; donation needs distinct ones.
-        self._cache = jax.tree.map(jnp.copy, network.init_cache(self.num_slots,
-                                                                self.max_length))
+        self._cache = network.init_cache(self.num_slots, self.max_length)
         self._logits = jnp.zeros((self.num_slots, config.vocab_size), jnp.float32)  # next
         self._slots: list[_Active | None] = [None] * self.num_slots
         self._sampling = {
