@@ -62,6 +62,10 @@ def _parse():
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per measurement")
     parser.add_argument("--gamma", type=int, default=4, help="drafted tokens per target call")
+    parser.add_argument("--distill_steps", type=int, default=0,
+                        help="before the speculative section, distil the drafter for the "
+                        "target this many AdamW steps on the target's own greedy continuations "
+                        "of training text (sequence-level knowledge distillation); 0 = off")
     parser.add_argument("--sections", default="all",
                         help="comma-separated: cache,speculative,prefix,quant,batching or all")
     parser.add_argument("--json_out", default=None)
@@ -112,11 +116,61 @@ def _load(gin_file: str, model_dir: str | None, name: str) -> Loaded:
     return Loaded(name, network, runtime, params, count)
 
 
-def _heldout_ids(vocab) -> list[int]:
-    path = REPO / "t5x_like" / "data" / "corpus" / "validation.txt.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as f:
+def _heldout_ids(vocab, split: str = "validation") -> list[int]:
+    name = "validation.txt.gz" if split == "validation" else "train-00000-of-00008.txt.gz"
+    with gzip.open(REPO / "t5x_like" / "data" / "corpus" / name, "rt", encoding="utf-8") as f:
         text = f.read()
     return list(vocab.encode(text))
+
+
+def distill(target: Loaded, drafter: Loaded, train_ids: list[int], steps: int,
+            batch: int = 16, prompt: int = 32, new: int = 96, sequences: int = 256) -> dict:
+    """Sequence-level knowledge distillation (Kim & Rush, 2016) of the drafter for the
+    target: the target greedily continues `sequences` prompts of training text, and the
+    drafter is trained (AdamW, cross entropy) to predict those continuations. Replaces
+    `drafter.network`'s parameters; returns what was done."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    greedy, _ = _greedy_fns(target.network, new)
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(train_ids) - prompt, sequences)
+    prompts = np.asarray([[0, *train_ids[s:s + prompt - 1]] for s in starts], np.int32)
+    start = time.perf_counter()
+    seqs = []
+    for i in range(0, sequences, batch):
+        p = prompts[i:i + batch]
+        seqs.append(np.concatenate([p, np.asarray(greedy(p))], axis=1))
+    data = jnp.asarray(np.concatenate(seqs))  # [N, prompt + new]
+    generate_s = time.perf_counter() - start
+    graphdef, params, rest = nnx.split(drafter.network, nnx.Param, ...)
+    opt = optax.adamw(optax.cosine_decay_schedule(1e-3, steps, 0.1), weight_decay=0.01)
+    weights = (jnp.arange(data.shape[1] - 1) >= prompt - 1).astype(jnp.float32)  # continuations
+
+    @jax.jit
+    def step(params, opt_state, tokens):
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+            return jnp.sum(ce * weights) / (jnp.sum(weights) * tokens.shape[0])
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = opt.init(params)
+    start, losses = time.perf_counter(), []
+    for _ in range(steps):
+        rows = rng.choice(data.shape[0], batch, replace=False)
+        params, opt_state, loss = step(params, opt_state, data[rows])
+        losses.append(float(loss))
+    drafter.network = nnx.merge(graphdef, params, rest)
+    return {"sequences": int(data.shape[0]), "steps": steps, "generate_s": generate_s,
+            "train_s": time.perf_counter() - start, "first_loss": losses[0],
+            "last_loss": float(np.mean(losses[-20:]))}
 
 
 def _time(fn, rounds: int) -> tuple[float, object]:
@@ -467,7 +521,12 @@ def main() -> None:
 
     target = _load(TARGET_GIN, None if args.random_init else args.target_dir, "target")
     drafter = _load(DRAFTER_GIN, None if args.random_init else args.drafter_dir, "drafter")
-    ids = _heldout_ids(vocabularies.get_vocabulary("shakespeare_spm"))
+    vocab = vocabularies.get_vocabulary("shakespeare_spm")
+    ids = _heldout_ids(vocab)
+    distilled = None
+    if args.distill_steps and "speculative" in args.sections:
+        print(f"[decode] distilling the drafter ({args.distill_steps} steps)", file=sys.stderr)
+        distilled = distill(target, drafter, _heldout_ids(vocab, "train"), args.distill_steps)
     rows = []
     for section in args.sections:
         print(f"[decode] {section}", file=sys.stderr)
@@ -485,9 +544,12 @@ def main() -> None:
                        "checkpoint": None if args.random_init else d}
               for m, d in ((target, args.target_dir), (drafter, args.drafter_dir))}
     doc = report.document("decode", report.jax_machine(jax), models=models,
-                          quick=args.quick, rounds=args.rounds, results=rows)
-    report.emit(doc, _text(rows, {k: v["parameters"] for k, v in models.items()}),
-                args.json_out)
+                          distilled_drafter=distilled, quick=args.quick, rounds=args.rounds,
+                          results=rows)
+    text = _text(rows, {k: v["parameters"] for k, v in models.items()})
+    if distilled:
+        text = f"drafter distilled for the target: {distilled}\n" + text
+    report.emit(doc, text, args.json_out)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,26 @@ class DecodeConfig:
             raise ValueError(f"num_samples={self.num_samples} must be >= 1, and > 1 only with "
                              "method='sample' (best_of_n takes num_candidates)")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        # A knob the method does not use is an error, never silently dropped.
+        unused = {"beam": _SAMPLING_KNOBS, "speculative": _SAMPLING_KNOBS[3:]}.get(
+            self.method, ())
+        unused = [k for k in unused if getattr(self, k) != _DEFAULTS[k]]
+        if unused:
+            raise ValueError(f"method={self.method!r} does not use {unused}; leave them at "
+                             "their defaults or pick method='sample' / 'best_of_n'")
+        if self.temperature == 0 and (self.method == "best_of_n" or self.num_samples > 1):
+            raise ValueError(f"method={self.method!r} with num_samples={self.num_samples} / "
+                             "num_candidates draws several samples per example, but "
+                             "temperature=0 makes them all the greedy sequence; set "
+                             "temperature > 0 (e.g. --gin.TEMPERATURE=0.8)")
+
+    def check_run(self, what: str) -> None:
+        """Eval and the training sample hook decode one row per example with the weights
+        they are given: `num_samples` > 1 and `quantize` belong to --run_mode=infer."""
+        if self.num_samples > 1 or self.quantize:
+            raise ValueError(f"{what} takes num_samples=1 and quantize=None (got "
+                             f"num_samples={self.num_samples}, quantize={self.quantize!r}); "
+                             "sample several per example or quantize with --run_mode=infer")
 
     def decode_kwargs(self) -> dict[str, Any]:
         """The `predict_batch` keyword arguments of this config's method."""
@@ -113,6 +133,11 @@ class DecodeConfig:
         return kw
 
 
+_SAMPLING_KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "stop_tokens")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DecodeConfig)}
+
+
 def decode_text(vocab: seqio.Vocabulary, ids: Sequence[int] | np.ndarray) -> str:
     """Token ids -> text, cut at the first EOS and without padding."""
     ids = [int(i) for i in np.asarray(ids)]
@@ -133,9 +158,14 @@ def _jitted_predict(runtime: Runtime, cfg: DecodeConfig, drafter: Runtime | None
     return jax.jit(predict, out_shardings=replicated)
 
 
+@functools.lru_cache(maxsize=4)
 def load_drafter(runtime: Runtime, cfg: DecodeConfig) -> tuple[Runtime | None, Any]:
-    """(The drafter's runtime on the target's mesh, its parameters), or (None, None)."""
-    if cfg.drafter is None:
+    """(The drafter's runtime, its parameters) for method='speculative', else (None, None).
+
+    The drafter gets a data-parallel mesh over the target's devices (its parameters are
+    small: replicated). Cached per (runtime, config): restored once per run.
+    """
+    if cfg.drafter is None or cfg.method != "speculative":
         return None, None
     drafter = Runtime.build(cfg.drafter.model, mesh_config=None,
                             devices=runtime.partitioner.mesh.devices.reshape(-1).tolist())
@@ -152,7 +182,7 @@ def predict(
     `drafter`: `load_drafter`'s result, for method='speculative'.
     """
     drafter_runtime, drafter_params = drafter
-    if cfg.method == "speculative" and drafter_runtime is None:
+    if drafter_runtime is None:
         drafter_runtime, drafter_params = load_drafter(runtime, cfg)
     fn = _jitted_predict(runtime, cfg, drafter_runtime)
     rng = jax.random.fold_in(jax.random.key(cfg.seed), batch_index)

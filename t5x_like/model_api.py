@@ -226,9 +226,10 @@ class BaseModel:
                                   context_tokens=context_tokens, **sampling)
             tokens, scores = out.tokens, out.log_probs
         elif method == "beam":
-            if sampling.get("num_samples", 1) != 1:
-                raise ValueError("beam search returns one sequence per example; set "
-                                 "num_samples=1 (beam_size sets the beam width)")
+            if sampling.pop("temperature", 0.0) != 0.0 or sampling:
+                raise ValueError(f"method='beam' takes beam_size and alpha, not "
+                                 f"{sorted(sampling) or ['temperature']} (beam search is "
+                                 "deterministic and returns one sequence per example)")
             out = decoding.beam_search(step_fn, first_tokens, cache, beam_size=beam_size,
                                        max_decode_steps=max_decode_length, alpha=alpha,
                                        eos_id=eos_id, initial_logits=initial_logits)
@@ -366,8 +367,9 @@ class EncoderDecoderModel(BaseModel):
             self._check_drafter(drafter, encoder_decoder.EncoderDecoder)
             out = speculative.speculative_encoder_decoder(
                 network, drafter, inputs, max_decode_steps=max_decode_length, gamma=gamma,
-                rng=rng, temperature=temperature, top_k=decode_kwargs.pop("top_k", 0),
-                top_p=decode_kwargs.pop("top_p", 1.0), eos_id=self.output_vocabulary.eos_id)
+                rng=rng if rng is not None else jax.random.key(0), temperature=temperature,
+                top_k=decode_kwargs.pop("top_k", 0), top_p=decode_kwargs.pop("top_p", 1.0),
+                eos_id=self.output_vocabulary.eos_id)
             _no_other_knobs(decode_kwargs)
             return self._speculative_result(out, return_scores)
         encoded = network.encode(inputs, deterministic=True)
@@ -522,9 +524,9 @@ class DecoderOnlyModel(BaseModel):
                                  "bidirectional prompt is not supported (use 'sample')")
             out = speculative.speculative_decoder_only(
                 network, drafter, prompt, prompt_lengths, max_decode_steps=max_decode_length,
-                gamma=gamma, rng=rng, temperature=temperature,
-                top_k=decode_kwargs.pop("top_k", 0), top_p=decode_kwargs.pop("top_p", 1.0),
-                eos_id=self.output_vocabulary.eos_id)
+                gamma=gamma, rng=rng if rng is not None else jax.random.key(0),
+                temperature=temperature, top_k=decode_kwargs.pop("top_k", 0),
+                top_p=decode_kwargs.pop("top_p", 1.0), eos_id=self.output_vocabulary.eos_id)
             _no_other_knobs(decode_kwargs)
             return self._speculative_result(out, return_scores)
         prefix_mask = in_prompt if self.inputs_bidirectional_attention else None
@@ -536,6 +538,15 @@ class DecoderOnlyModel(BaseModel):
             cache, rng=rng, max_decode_length=max_decode_length, temperature=temperature,
             return_scores=return_scores, initial_logits=initial_logits,
             context_tokens=prompt, method=method, **decode_kwargs)
+
+
+def _argmax_only(model: str, decode_kwargs: Mapping[str, Any]) -> None:
+    """Encoder-only models predict by one argmax: only the default decoding applies."""
+    if decode_kwargs.get("method", "sample") != "sample" or decode_kwargs.get(
+            "num_samples", 1) != 1:
+        raise ValueError(f"{model} predicts by an argmax over its logits; method="
+                         f"{decode_kwargs.get('method')!r} / num_samples="
+                         f"{decode_kwargs.get('num_samples')} apply to decoders only")
 
 
 def _no_other_knobs(decode_kwargs: Mapping[str, Any]) -> None:
@@ -599,7 +610,8 @@ class EncoderOnlyModel(BaseModel):
         Positions come from `encoder_loss_weights` when present (eval batches), else from
         every non-padding position.
         """
-        del rng, unused_decode_kwargs
+        del rng
+        _argmax_only(type(self).__name__, unused_decode_kwargs)
         logits = self._logits(network, batch, deterministic=True)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         weights = batch.get("encoder_loss_weights", batch["encoder_input_tokens"] > 0)
@@ -660,7 +672,8 @@ class SequenceClassificationModel(EncoderOnlyModel):
     def predict_batch(self, network, batch: Batch, *, rng=None, return_scores: bool = False,
                       **unused_decode_kwargs):
         """The most likely class of every row: [B] int32 (and its log-prob if asked)."""
-        del rng, unused_decode_kwargs
+        del rng
+        _argmax_only(type(self).__name__, unused_decode_kwargs)
         logits = self._logits(network, batch, deterministic=True).astype(jnp.float32)
         labels = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         if return_scores:

@@ -125,6 +125,8 @@ class SampleHook(Hook):
                  decode=None):
         self.every, self.cfg, self.num_examples = every, cfg, num_examples
         self.decode = decode  # an infer.DecodeConfig; None: greedy
+        if decode is not None:
+            decode.check_run("the training sample hook (sample_decode)")
         self._batch = None
 
     def __call__(self, step, metrics, ctx):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_families import LLAMA, VOCAB
+from test_families import BERT, LLAMA, VOCAB
 from test_model_api import CONFIG as T5
 from test_model_api import _batch as _t5_batch
 
@@ -130,10 +130,15 @@ def test_speculative_rejects_what_it_cannot_do(llama):
                             min_p=0.1)
     with pytest.raises(ValueError, match="unknown decoding method 'nucleus'"):
         model.predict_batch(net, _lm_batch(), method="nucleus")
+    with pytest.raises(ValueError, match="method='beam' takes beam_size and alpha, not"):
+        model.predict_batch(net, _lm_batch(), method="beam", top_p=0.5)
+    bert = model_api.EncoderOnlyModel(BERT, VOCAB)
+    with pytest.raises(ValueError, match="predicts by an argmax"):
+        bert.predict_batch(None, {}, method="beam")
 
 
 def test_decode_config_validates_and_maps_its_knobs():
-    with pytest.raises(ValueError, match="method='greedy'.*not one of"):
+    with pytest.raises(ValueError, match=r"method='greedy'.*not one of"):
         infer.DecodeConfig(method="greedy")
     with pytest.raises(ValueError, match="needs drafter="):
         infer.DecodeConfig(method="speculative")
@@ -141,7 +146,16 @@ def test_decode_config_validates_and_maps_its_knobs():
         infer.DecodeConfig(quantize="int2")
     with pytest.raises(ValueError, match="num_samples=3"):
         infer.DecodeConfig(method="beam", num_samples=3)
-    kw = infer.DecodeConfig(method="beam", beam_size=2, top_k=5).decode_kwargs()
+    # A knob the method does not use is an error, not silently dropped.
+    with pytest.raises(ValueError, match=r"method='beam' does not use \['top_k', 'stop_tokens'\]"):
+        infer.DecodeConfig(method="beam", top_k=5, stop_tokens=(3,))
+    with pytest.raises(ValueError, match=r"method='speculative' does not use \['min_p'\]"):
+        infer.DecodeConfig(method="speculative", min_p=0.1, drafter=infer.Drafter(None, "x"))
+    with pytest.raises(ValueError, match="temperature=0 makes them all the greedy sequence"):
+        infer.DecodeConfig(method="best_of_n")
+    with pytest.raises(ValueError, match="quantize with --run_mode=infer"):
+        infer.DecodeConfig(quantize="int8").check_run("--run_mode=eval")
+    kw = infer.DecodeConfig(method="beam", beam_size=2).decode_kwargs()
     assert kw["beam_size"] == 2 and "top_k" not in kw and "temperature" not in kw
     kw = infer.DecodeConfig(min_p=0.1, stop_tokens=[7]).decode_kwargs()
     assert kw["min_p"] == 0.1 and kw["stop_tokens"] == (7,) and kw["method"] == "sample"
