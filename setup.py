@@ -46,6 +46,9 @@ setuptools.setup(
             # version (or a range) makes pip fetch a CUDA build of several GB.
             "torch==2.13.0",
             "transformers>=4.50,<6",  # checked with 4.57.6 and 5.24.0
+            # The TPU compiler (libtpu, pinned by jax[tpu] to this jax): tests compile for
+            # TPU topologies ahead of time (tests/test_precompile.py); no TPU needed.
+            "jax[tpu]>=0.10.0,<0.13",
         ],
         "tpu": ["jax[tpu]>=0.10.0,<0.13"],
         "gpu": ["jax[cuda12]>=0.10.0,<0.13"],

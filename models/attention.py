@@ -30,12 +30,16 @@ Shape letters are those of `models/layers.py`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from partitioning import rules as _rules
 
 Array = jax.Array
 BiasFn = Callable[[Array, Array], Array]
@@ -699,7 +703,7 @@ def pallas_tpu_attention(
             q_ids = jnp.where(q_seg["valid"], q_ids, -1)
         if "valid" in k_seg:
             k_ids = jnp.where(k_seg["valid"], k_ids, -2)
-        segment_ids = pallas_fa.SegmentIds(q=q_ids, kv=k_ids)
+        segment_ids = (q_ids, k_ids)
     if bias is not None:  # the kernel scales (q.k + ab), we add the bias after scaling
         bias = jnp.asarray(bias, jnp.float32) / scale
         bias = jnp.broadcast_to(bias.reshape((1,) * (4 - bias.ndim) + bias.shape), (b, n, t, s))
@@ -711,11 +715,68 @@ def pallas_tpu_attention(
     # [B, T, N, H] -> [B, N, T, H]; kv heads repeated to N.
     key = jnp.repeat(key, n // k_heads, axis=2)
     value = jnp.repeat(value, n // k_heads, axis=2)
-    out = pallas_fa.flash_attention(
-        query.transpose(0, 2, 1, 3), key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3),
-        ab=bias, segment_ids=segment_ids, causal=spec.causal, sm_scale=scale,
-        block_sizes=blocks)
-    return out.transpose(0, 2, 1, 3).astype(value.dtype)
+
+    def kernel(q, k, v, ab, q_ids, kv_ids):
+        seg = None if q_ids is None else pallas_fa.SegmentIds(q=q_ids, kv=kv_ids)
+        return pallas_fa.flash_attention(
+            q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+            ab=ab, segment_ids=seg, causal=spec.causal, sm_scale=scale,
+            block_sizes=blocks).transpose(0, 2, 1, 3)
+
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    out = per_device(kernel, (query, BTNH), (key, BTNH), (value, BTNH), (bias, BNTS),
+                     (q_ids, BT), (kv_ids, BT), out_axes=BTNH)
+    return out.astype(value.dtype)
+
+
+# Logical axes of the kernel's operands (the names `models.layers` constrains them to).
+BTNH = ("batch", "length", "heads", "kv")
+BNTS = ("batch", "heads", "length", None)
+BT = ("batch", "length")
+
+
+def per_device(fn: Callable[..., Array], *args: tuple[Array | None, tuple],
+               out_axes: tuple) -> Array:
+    """fn(*arrays) run on each device's block of them when a mesh is active.
+
+    A custom kernel (Mosaic / Pallas) cannot be partitioned by the compiler, so under the
+    partitioner's mesh it runs inside a `shard_map`: batch and heads split as the logical
+    rules put them (`args` pair each array, or None, with its logical axes), the
+    sequence dims whole on every device. Attention is independent per (batch, head), so
+    the blocks' results are exactly the whole one's. Without an active mesh, plain fn.
+    """
+    arrays = [a for a, _ in args]
+    placed = [None if a is None else _rules.active_mesh_spec(
+        [n if n in ("batch", "heads") else None for n in axes], a.shape)
+        for a, axes in args]
+    if all(p is None for p in placed) or placed[0][0].size == 1:
+        return fn(*arrays)
+    mesh = placed[0][0]
+    # One split per logical name for all operands: the one that fits all of them.
+    split = {}
+    for p, (_, axes) in zip(placed, args, strict=True):
+        if p is not None:
+            for name, entry in zip(axes, p[1], strict=True):
+                if name in ("batch", "heads"):
+                    split.setdefault(name, []).append(entry)
+    chosen = {name: min(entries, key=lambda e: len(_rules.as_axes(e)))
+              for name, entries in split.items()}
+
+    def spec_of(axes):
+        return jax.sharding.PartitionSpec(*[chosen.get(n) for n in axes])
+
+    present = [i for i, a in enumerate(arrays) if a is not None]
+
+    def local(*xs):
+        full = [None] * len(arrays)
+        for i, x in zip(present, xs, strict=True):
+            full[i] = x
+        return fn(*full)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=tuple(spec_of(args[i][1]) for i in present),
+        out_specs=spec_of(out_axes), check_vma=False,
+    )(*[arrays[i] for i in present])
 
 
 # --- dispatch ---------------------------------------------------------------------------
@@ -728,6 +789,28 @@ def check_implementation(implementation: str, field: str = "implementation") -> 
                          f"{IMPLEMENTATIONS}")
 
 
+# Set by `compile_target` (ahead-of-time compilation for another platform).
+_TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar(
+    "attention_compile_target", default=None)
+
+
+@contextlib.contextmanager
+def compile_target(platform: str, *, fused_as_blockwise: bool = False) -> Iterator[None]:
+    """Inside: 'auto' and the platform checks resolve for `platform` ('tpu', 'gpu',
+    'cpu'), not JAX's default backend: for compiling ahead of time for another platform
+    (`t5x_like.precompile`).
+
+    `fused_as_blockwise=True`: wherever the target would run a fused kernel, trace
+    'blockwise' (the same memory-linear algorithm) instead, because the compiler at hand
+    cannot compile that kernel (a GPU target simulated with CPU devices).
+    """
+    token = _TARGET.set((platform, fused_as_blockwise))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
 def resolve_implementation(
     implementation: str, query: Array, key: Array, *, mask: Array | None = None,
     spec: AttentionSpec | None = None, bias_fn: BiasFn | None = None,
@@ -738,7 +821,8 @@ def resolve_implementation(
     'cudnn' or 'pallas_tpu' (see the module docstring). Errors: a fused kernel asked for
     on the wrong platform; attention dropout with anything but 'xla' / 'auto'."""
     check_implementation(implementation)
-    platform = platform or jax.default_backend()
+    target, fused_as_blockwise = _TARGET.get() or (None, False)
+    platform = platform or target or jax.default_backend()
     if implementation in _PLATFORM_OF and platform != _PLATFORM_OF[implementation]:
         raise ValueError(
             f"attention implementation {implementation!r} runs on "
@@ -762,7 +846,9 @@ def resolve_implementation(
         reason = _cudnn_unsupported(query, key, spec, bias_fn)
     else:
         reason = _pallas_unsupported(query, key, mask, spec, bias_fn, block_q, block_k)
-    return kernel if reason is None else _fallback(implementation, kernel, reason)
+    if reason is None:
+        return "blockwise" if fused_as_blockwise else kernel
+    return _fallback(implementation, kernel, reason)
 
 
 def _fallback(implementation: str, kernel: str, reason: str) -> str:

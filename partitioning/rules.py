@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -190,6 +191,27 @@ def activate(mesh: jax.sharding.Mesh, rules: LogicalRules) -> Iterator[None]:
 def active() -> tuple[jax.sharding.Mesh, LogicalRules] | None:
     """The (mesh, rules) pair set by `activate`, or None outside it."""
     return _ACTIVE.get()
+
+
+def active_mesh_spec(
+    logical_axes: Sequence[str | tuple[str, ...] | None], shape: Sequence[int]
+) -> tuple[jax.sharding.Mesh, PartitionSpec] | None:
+    """(mesh, spec) for an array of `shape` under the active rules, or None if inactive.
+
+    Mesh axes whose size does not divide their dimension are dropped from it (that
+    dimension is then replicated over them): for a `shard_map`, which needs exact blocks.
+    """
+    current = _ACTIVE.get()
+    if current is None:
+        return None
+    mesh, rules = current
+    spec = []
+    for dim, entry in zip(shape, logical_to_mesh_spec(logical_axes, rules), strict=True):
+        axes = tuple(a for a in as_axes(entry) if mesh.shape[a] > 1)
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return mesh, PartitionSpec(*spec)
 
 
 def with_logical_constraint(

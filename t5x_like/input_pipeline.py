@@ -34,10 +34,21 @@ class DatasetConfig:
     shuffle: bool = True
     seed: int | None = 0
     use_packing: bool = True
+    # How many shards the data is read as. None: one per host feeding distinct rows
+    # (`Partitioner.data_shard_info`). A multiple N of that makes each host read N/hosts
+    # shards and put their rows side by side, so one host with N shards sees exactly
+    # the global batches that N hosts see: a pod run's data order, reproduced on one
+    # machine (and how tests check multi-host training against one process).
+    num_data_shards: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.num_data_shards is not None and (
+                self.num_data_shards < 1 or self.batch_size % self.num_data_shards):
+            raise ValueError(
+                f"num_data_shards={self.num_data_shards} must be >= 1 and divide "
+                f"batch_size={self.batch_size}")
 
 
 def build_dataset(
@@ -50,19 +61,35 @@ def build_dataset(
 ) -> tf.data.Dataset:
     """This host's batched tf.data pipeline for `cfg` (model features)."""
     shard_id, num_shards = partitioner.data_shard_info()
-    return data_lib.get_dataset(
-        cfg.mixture_or_task_name,
-        cfg.task_feature_lengths,
-        split=cfg.split,
-        batch_size=partitioner.host_batch_size(cfg.batch_size),
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        feature_converter=feature_converter,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        num_epochs=None if repeat else 1,
-        drop_remainder=drop_remainder,
-    )
+    host_batch = partitioner.host_batch_size(cfg.batch_size)
+    total = cfg.num_data_shards or num_shards
+    if total % num_shards:
+        raise ValueError(
+            f"num_data_shards={total} must be a multiple of the {num_shards} data shards "
+            "of this mesh's hosts (or None)")
+    per_host = total // num_shards
+
+    def shard(i: int, batch_size: int) -> tf.data.Dataset:
+        return data_lib.get_dataset(
+            cfg.mixture_or_task_name,
+            cfg.task_feature_lengths,
+            split=cfg.split,
+            batch_size=batch_size,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            feature_converter=feature_converter,
+            shard_id=i,
+            num_shards=total,
+            num_epochs=None if repeat else 1,
+            drop_remainder=drop_remainder,
+        )
+
+    if per_host == 1:
+        return shard(shard_id, host_batch)
+    # Rows of shards shard_id * per_host ... side by side, as that many hosts would give.
+    parts = [shard(shard_id * per_host + j, host_batch // per_host) for j in range(per_host)]
+    return tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *batches: {k: tf.concat([b[k] for b in batches], 0) for k in batches[0]})
 
 
 class TrainIterator:

@@ -6,7 +6,16 @@
 `--gin_file` is repeatable and searched in the working directory, the repository root
 and `gin/`. `--gin.NAME=VALUE` binds anything gin can bind; plain strings need no quotes.
 `--run_mode` picks the function the gin files configure: train (`train.train`),
-eval (`evaluate.evaluate`) or infer (`infer.infer`).
+eval (`evaluate.evaluate`) or infer (`infer.infer`); precompile compiles `train.train`'s
+step ahead of time for `--precompile_target` (or the gin macro PRECOMPILE_TARGET), e.g.
+v5e-256 or 8xH100, and reports per-device memory (see t5x_like/precompile.py).
+
+Multi-host: every process runs the same command. `jax.distributed` is initialised from
+`--coordinator_address` / `--num_processes` / `--process_id` when given, else
+automatically on a Cloud TPU pod, under SLURM (`srun`), Open MPI (`mpirun`) or a
+Kubernetes indexed Job, where JAX reads the coordinator and ranks from the environment.
+`--distributed=off` runs single-process anyway; `on` initialises even when no cluster
+is recognised.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-RUN_MODES = ("train", "eval", "infer")
+RUN_MODES = ("train", "eval", "infer", "precompile")
 
 
 def _parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -38,6 +47,15 @@ def _parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="multi-host: host:port of process 0 (GPU clusters / CPU tests)")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                        help="initialise jax.distributed: auto = when flags or a cluster "
+                        "environment (TPU pod, SLURM, Open MPI, Kubernetes) ask for it")
+    parser.add_argument("--precompile_target", default=None,
+                        help="--run_mode=precompile: v4-32, v5p-128, v5e-256, 2xv5e-256, "
+                        "8xH100, 2x8xH100, cpu:N (default: the gin macro PRECOMPILE_TARGET)")
+    parser.add_argument("--device_memory_gib", type=float, default=None,
+                        help="--run_mode=precompile: per-device memory, overriding the "
+                        "target's (needed to judge a cpu:N target)")
     parser.add_argument("--log_level", default="INFO")
     args = parser.parse_args(rest)
     if not args.gin_file:
@@ -47,18 +65,54 @@ def _parse_flags(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, args.gin_bindings + gin_bindings
 
 
+def cluster_environment(env: Mapping[str, str] | None = None) -> str | None:
+    """The multi-process launcher whose environment JAX can read, or None.
+
+    Only launches of more than one process count: a single `srun` task or `mpirun -n 1`
+    stays single-process.
+    """
+    env = os.environ if env is None else env
+
+    def more_than_one(name: str) -> bool:
+        try:
+            return int(env.get(name, "1")) > 1
+        except ValueError:
+            return False
+
+    if env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return "Cloud TPU"
+    if "SLURM_JOB_ID" in env and "SLURM_STEP_NODELIST" in env and more_than_one("SLURM_NTASKS"):
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env and more_than_one("OMPI_COMM_WORLD_SIZE"):
+        return "Open MPI"
+    if "KUBERNETES_SERVICE_HOST" in env and "JOB_COMPLETION_INDEX" in env:
+        return "Kubernetes"
+    return None
+
+
 def _maybe_init_distributed(args: argparse.Namespace) -> None:
-    """Joins the multi-controller runtime when asked (flags) or on a TPU pod slice."""
+    """Joins the multi-controller runtime when flags or the cluster environment ask to."""
     import jax
 
-    if args.coordinator_address or args.num_processes:
+    if args.distributed == "off":
+        return
+    explicit = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        # Anything not given is read by JAX from the cluster environment.
         jax.distributed.initialize(
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
-    elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()  # TPU pods discover the coordinator themselves.
+    elif args.distributed == "on" or (cluster := cluster_environment()):
+        if args.distributed == "auto":
+            logging.info("multi-process launch detected (%s): jax.distributed.initialize()",
+                         cluster)
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info("process %d of %d; %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX.
+    if args.run_mode == "precompile":
+        return _precompile(args, bindings)
     _maybe_init_distributed(args)
 
     from t5x_like import (
@@ -104,6 +160,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     configured()
     if write_config:
         gin_utils.write_config(model_dir, operative=True)  # what the run actually used
+    return 0
+
+
+def _precompile(args: argparse.Namespace, bindings: list[str]) -> int:
+    """--run_mode=precompile: compile train.train's step for the target; 1 if it won't fit."""
+    from t5x_like import precompile
+
+    target_name = args.precompile_target
+    if target_name:  # known before JAX starts: set up the simulated devices first
+        precompile.prepare_process(precompile.parse_target(target_name))
+    import gin
+
+    from t5x_like import (
+        data,  # noqa: F401  (registers the seqio tasks)
+        gin_utils,
+        train,
+    )
+
+    search = gin_utils.default_search_paths() + list(args.gin_search_paths or [])
+    gin_utils.parse_gin(args.gin_file, bindings, search, finalize=True)
+    target_name = target_name or _macro_or_none("PRECOMPILE_TARGET")
+    if not target_name:
+        raise SystemExit("--run_mode=precompile needs --precompile_target=... (e.g. v5e-256, "
+                         "8xH100, cpu:8) or a PRECOMPILE_TARGET macro in the gin files")
+    target = precompile.parse_target(target_name, args.device_memory_gib)
+    precompile.prepare_process(target)
+    try:
+        train_args = gin.get_bindings(train.train)
+    except ValueError as err:
+        raise SystemExit(f"--run_mode=precompile compiles train.train's step: the gin files "
+                         f"must configure train.train (e.g. gin/runs/pretrain.gin): {err}") from err
+    try:
+        report = precompile.precompile(target, **train_args)
+    except precompile.DoesNotFitError as err:
+        logging.error("%s", err)
+        return 1
+    print(report.table())
     return 0
 
 

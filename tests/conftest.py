@@ -7,6 +7,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# CPU only, even with libtpu installed (the test extra brings it for ahead-of-time TPU
+# compiles): JAX would otherwise probe for a TPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The C4 tasks tokenize with T5's SentencePiece model, which lives on GCS; tests read the
+# shipped Shakespeare model in its place (8000 pieces + 100 appended sentinels), so that
+# TFDS mock C4 data tokenizes offline. Set before t5x_like.data registers the tasks.
+os.environ["T5X_LIKE_C4_SPM_PATH"] = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "t5x_like", "data", "corpus", "spm_shakespeare.model")
 
 import jax
 

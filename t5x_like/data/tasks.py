@@ -1,6 +1,8 @@
 """seqio Task registrations (run on `import t5x_like.data`; safe to run again).
 
-Registered here (vocabulary: the shipped SentencePiece model, 8100 ids, unless noted):
+Registered here (vocabulary: the shipped SentencePiece model, 8100 ids, for the
+shakespeare_* tasks unless noted; T5's C4 SentencePiece model "t5_c4_spm", 32,100 ids,
+for every c4_* task):
 
   encoder-decoder, T5 span corruption: "inputs", "targets" (EOS appended to both)
     shakespeare_span_corruption       shipped corpus
@@ -18,7 +20,8 @@ Registered here (vocabulary: the shipped SentencePiece model, 8100 ids, unless n
 
 Splits "train" and "validation" everywhere. The C4 tasks read TFDS data already
 prepared under the TFDS data dir (`TFDS_DATA_DIR` or ~/tensorflow_datasets) and never
-try to download or build it (C4 takes an Apache Beam job).
+try to download or build it (C4 takes an Apache Beam job). Their vocabulary is read from
+GCS (or $T5X_LIKE_C4_SPM_PATH, see `vocabularies`) only when the first text is tokenized.
 """
 
 from __future__ import annotations
@@ -147,8 +150,9 @@ def register_tasks() -> None:
         vocabularies.get_vocabulary("byte"), text_key=None,
         metric_fns=metrics.SPAN_CORRUPTION_METRICS)
     # As in T5, no metric fns for C4: its validation split is too large to decode.
-    register_span_corruption_task(C4_SPAN_CORRUPTION, c4_source("3.1.0"), spm)
-    register_span_corruption_task(C4_V220_SPAN_CORRUPTION, c4_source("2.2.0"), spm)
+    t5_spm = vocabularies.get_vocabulary("t5_c4_spm")
+    register_span_corruption_task(C4_SPAN_CORRUPTION, c4_source("3.1.0"), t5_spm)
+    register_span_corruption_task(C4_V220_SPAN_CORRUPTION, c4_source("2.2.0"), t5_spm)
 
     register_lm_and_mlm_tasks()
 
@@ -432,16 +436,17 @@ def register_play_classification_task(
 def register_lm_and_mlm_tasks() -> None:
     """Registers the decoder-only and encoder-only tasks of this module (idempotent)."""
     spm = vocabularies.get_vocabulary("shakespeare_spm")
+    t5_spm = vocabularies.get_vocabulary("t5_c4_spm")
     register_lm_task(SHAKESPEARE_LM, shakespeare_source(), spm, text_key=None)
     register_lm_task(SHAKESPEARE_LM_BYTE, shakespeare_source(),
                      vocabularies.get_vocabulary("byte"), text_key=None)
-    register_lm_task(C4_LM, c4_source("3.1.0"), spm)
+    register_lm_task(C4_LM, c4_source("3.1.0"), t5_spm)
     register_prefix_lm_task(SHAKESPEARE_PREFIX_LM, shakespeare_source(), spm, text_key=None)
-    register_prefix_lm_task(C4_PREFIX_LM, c4_source("3.1.0"), spm)
+    register_prefix_lm_task(C4_PREFIX_LM, c4_source("3.1.0"), t5_spm)
     register_mlm_task(SHAKESPEARE_MLM, shakespeare_source(), spm, text_key=None)
     register_mlm_task(SHAKESPEARE_MLM_WWM, shakespeare_source(), spm, text_key=None,
                       whole_word=True)
-    register_mlm_task(C4_MLM, c4_source("3.1.0"), spm)
+    register_mlm_task(C4_MLM, c4_source("3.1.0"), t5_spm)
     register_play_classification_task(SHAKESPEARE_PLAY_CLASSIFICATION, spm)
 
 

@@ -1,7 +1,14 @@
 """Vocabularies by name, where the shipped corpus lives, and Hugging Face tokenizers.
 
-Both named vocabularies follow T5: pad=0, eos=1, unk=2, no bos, and 100 sentinel ids
+Every named vocabulary follows T5: pad=0, eos=1, unk=2, no bos, and 100 sentinel ids
 (`<extra_id_0>` = vocab_size - 1, `<extra_id_1>` = vocab_size - 2, ...) at the end.
+
+"t5_c4_spm" is T5's own SentencePiece model, trained on C4 (32,000 pieces + 100
+sentinels = 32,100 ids; T5 models embed 32,128 rows), which the C4 tasks use. It lives on
+GCS (`C4_T5_SPM_PATH`); set the environment variable `T5X_LIKE_C4_SPM_PATH` to a copy
+elsewhere (a local file, another bucket) before `t5x_like.data` is imported. Nothing is
+read until the vocabulary first encodes or decodes, so configs, models and compilation
+can be built on machines that cannot reach the file.
 
 `hf_vocabulary(directory)` is the vocabulary of a converted Hugging Face model: its
 SentencePiece model (spiece.model / tokenizer.model) as a seqio.SentencePieceVocabulary,
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -36,6 +44,77 @@ SHAKESPEARE_SPM_VOCAB_SIZE = 8100
 # 3 specials + 256 bytes + 100 sentinels.
 BYTE_VOCAB_SIZE = 359
 
+# T5's C4 SentencePiece model as T5X reads it (t5x/examples/t5/t5_1_1/base.gin): the
+# "100extra" file holds the 100 sentinels as its last pieces, so seqio adds none.
+C4_T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model"
+C4_T5_SPM_PATH_ENV = "T5X_LIKE_C4_SPM_PATH"
+C4_T5_VOCAB_SIZE = 32100  # 32,000 pieces + 100 sentinels; T5 pads to 32,128 rows
+
+
+def c4_t5_spm_path() -> str:
+    """Where "t5_c4_spm" is read from: $T5X_LIKE_C4_SPM_PATH, else `C4_T5_SPM_PATH`."""
+    return os.environ.get(C4_T5_SPM_PATH_ENV) or C4_T5_SPM_PATH
+
+
+class T5SentencePieceVocabulary(seqio.SentencePieceVocabulary):
+    """A T5 SentencePiece vocabulary with `num_sentinels` sentinels at the end, whichever
+    form its file takes.
+
+    T5X's file (cc_all.32000.100extra) already ends with `<extra_id_99>` ...
+    `<extra_id_0>`; T5's cc_all.32000 and Hugging Face's spiece.model have no sentinels
+    and get them appended, as `seqio.SentencePieceVocabulary(extra_ids=100)` does. Both
+    give the same ids. Which form a file has is seen when it is first loaded.
+
+    `extra_ids` is `num_sentinels` in both cases (the span-corruption and masked-LM
+    preprocessors read their sentinels from it). With `vocab_size` given, the size is
+    known without reading the file (a model checks its embedding rows against it before
+    any data is read), and checked when the file is loaded.
+    """
+
+    def __init__(self, sentencepiece_model_file: str, *, num_sentinels: int = NUM_EXTRA_IDS,
+                 vocab_size: int | None = None):
+        super().__init__(sentencepiece_model_file, extra_ids=0)
+        self._num_sentinels = num_sentinels
+        self._declared_vocab_size = vocab_size
+
+    @property
+    def extra_ids(self) -> int:
+        return self._num_sentinels
+
+    @property
+    def vocab_size(self) -> int:
+        if self._model is None and self._declared_vocab_size is not None:
+            return self._declared_vocab_size
+        return super().vocab_size
+
+    def _model_context(self):
+        if self._model is not None:
+            return self._model
+        path, n = self.sentencepiece_model_file, self._num_sentinels
+        plain = seqio.SentencePieceVocabulary(path)
+        tokenizer = plain.tokenizer  # reads the file
+        size = tokenizer.GetPieceSize()
+        # Sentinel pieces may carry SentencePiece's word-start mark (U+2581), as seqio's do.
+        built_in = size > n and all(
+            tokenizer.id_to_piece(size - 1 - i).lstrip("\u2581") == f"<extra_id_{i}>"
+            for i in (0, n - 1))
+        source = plain if built_in else seqio.SentencePieceVocabulary(path, extra_ids=n)
+        context = source._model_context()
+        loaded = context.tokenizer.GetPieceSize()
+        if self._declared_vocab_size is not None and loaded != self._declared_vocab_size:
+            raise ValueError(
+                f"SentencePiece model {path} gives {loaded} ids with its {n} sentinels, not "
+                f"the {self._declared_vocab_size} expected; point ${C4_T5_SPM_PATH_ENV} at "
+                "T5's cc_all.32000 model (with or without the .100extra sentinels)")
+        self._model = context
+        return context
+
+    def __str__(self) -> str:  # seqio's reads the file for an md5
+        return (f"T5SentencePieceVocabulary(file={self.sentencepiece_model_file}, "
+                f"sentinels={self._num_sentinels})")
+
+    __repr__ = __str__
+
 
 @functools.cache
 def _shakespeare_spm() -> seqio.Vocabulary:
@@ -47,9 +126,21 @@ def _byte() -> seqio.Vocabulary:
     return seqio.ByteVocabulary(extra_ids=NUM_EXTRA_IDS)
 
 
+@functools.cache
+def _t5_spm(path: str) -> seqio.Vocabulary:
+    # The size of the published file is known; a replacement file is read to learn its own.
+    size = C4_T5_VOCAB_SIZE if path == C4_T5_SPM_PATH else None
+    return T5SentencePieceVocabulary(path, vocab_size=size)
+
+
+def _t5_c4_spm() -> seqio.Vocabulary:
+    return _t5_spm(c4_t5_spm_path())
+
+
 _VOCABULARIES = {
     "shakespeare_spm": _shakespeare_spm,
     "byte": _byte,
+    "t5_c4_spm": _t5_c4_spm,
 }
 
 
@@ -63,8 +154,9 @@ def get_vocabulary(name: str = "shakespeare_spm") -> seqio.Vocabulary:
 
     Args:
       name: "shakespeare_spm" (the shipped 8000-piece unigram SentencePiece model
-        plus 100 sentinels, 8100 ids) or "byte" (seqio's ByteVocabulary with 100
-        sentinels, 359 ids; needs no file at all).
+        plus 100 sentinels, 8100 ids), "byte" (seqio's ByteVocabulary with 100
+        sentinels, 359 ids; needs no file at all) or "t5_c4_spm" (T5's C4
+        SentencePiece model, 32,100 ids, read lazily from `c4_t5_spm_path()`).
 
     Raises:
       ValueError: for any other name, listing the known ones.
