@@ -160,3 +160,30 @@ def test_tpu_compile_of_a_sharded_step_with_the_pallas_kernel(clean_gin, tmp_pat
     assert shards <= report.argument_bytes <= 1.001 * shards
     hlo = (tmp_path / "precompile.hlo.txt").read_text()
     assert "tpu_custom_call" in hlo  # the Mosaic flash kernel, inside a shard_map
+
+
+def test_sharding_plan_prints_every_parameter_for_the_target_mesh(clean_gin, capsys):
+    from t5x_like import sharding_plan
+
+    assert sharding_plan.main(["--gin_file=experiments/quickstart.gin",
+                               "--gin.MODEL_DIR=/tmp/unused", "--target=cpu:8",
+                               "--gin.RULES=fsdp", "--gin.MESH_CONFIG=@mesh.MeshConfig()",
+                               "--gin.mesh.MeshConfig.data=1",
+                               "--gin.mesh.MeshConfig.fsdp=-1"]) == 0
+    out = capsys.readouterr().out
+    assert "mesh: {'data': 1, 'fsdp': 8, 'expert': 1, 'model': 1} on cpu:8; rules: fsdp" in out
+    assert "'fsdp'" in out and "3,081,984 parameters" in out and "optimizer state" in out
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, None),
+    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "Cloud TPU"),
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"}, "SLURM"),
+    ({"SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}, None),  # sbatch script, not inside srun
+    ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "8"}, "Open MPI"),
+    ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}, "Kubernetes"),
+])
+def test_cluster_environment_recognises_multi_process_launches(env, expected):
+    assert main.cluster_environment(env) == expected

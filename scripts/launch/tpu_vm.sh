@@ -121,6 +121,8 @@ cmd_run() {
   shift 4
   main="$(run_env)$VENV/bin/python -m t5x_like.main --gin_file=$(printf '%q' "$experiment")"
   main+=" --gin.MODEL_DIR=$(printf '%q' "$model_dir")"
+  # Every worker joins jax.distributed; JAX finds the pod's coordinator itself.
+  main+=" --distributed=on"
   if (($# > 0)); then
     main+=" $(printf '%q ' "$@")"
   fi
