@@ -21,22 +21,18 @@ def plan(target, *, model, optimizer, mesh_config=None, partitioning_rules="dp",
          **_unused_train_args) -> str:
     """The sharding table for `train.train`'s arguments on `target`'s devices (or None:
     this process's devices)."""
-    import jax
 
     from t5x_like import precompile
     from t5x_like.runtime import Runtime
-    from t5x_like.trainer import with_shardings
+    from t5x_like.trainer import Trainer
 
     devices = None if target is None else precompile.target_devices(target)[0]
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules,
                             devices=devices)
     partitioner = runtime.partitioner
+    # The optimizer state laid out exactly as training lays it out (nothing compiled).
+    opt_bytes = precompile.device_bytes(Trainer(runtime, optimizer).abstract_state().opt_state)
     abstract_params = runtime.abstract_params()
-    opt = jax.eval_shape(optimizer.tx.init, runtime.net.abstract_params())
-    opt_shardings = partitioner.opt_state_shardings(
-        opt, runtime.param_shardings, optimizer=optimizer.tx,
-        abstract_params=runtime.net.abstract_params())
-    opt_bytes = precompile.device_bytes(with_shardings(opt, opt_shardings))
     header = (f"mesh: {dict(partitioner.mesh.shape)} on "
               f"{target.name if target else 'this host'}; rules: {partitioning_rules}")
     table = partitioner.describe(runtime.net.abstract_state, runtime.param_shardings)
@@ -69,12 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gin_utils.parse_gin(args.gin_file, args.gin_bindings + bindings,
                         gin_utils.default_search_paths(), finalize=True)
-    name = args.target
-    if name is None:
-        try:
-            name = gin.query_parameter("%PRECOMPILE_TARGET")
-        except ValueError:
-            name = None
+    from t5x_like.main import _macro_or_none
+
+    name = args.target or _macro_or_none("PRECOMPILE_TARGET")
     target = precompile.parse_target(name) if name else None
     if target is not None:
         precompile.prepare_process(target)
