@@ -93,6 +93,9 @@ class MoeConfig:
     num_shared_experts: int = 0  # always-on experts (one dense MLP of n * expert_mlp_dim)
     layer_interval: int = 1  # layer i is sparse iff i % interval == interval - 1
     jitter_noise: float = 0.0  # Switch: router input * U(1 - eps, 1 + eps) in training
+    # The routed experts' weighted sum is multiplied by this (DeepSeek-V2/V3's
+    # `routed_scaling_factor`); shared experts are not scaled.
+    routed_scaling_factor: float = 1.0
     load_balance_loss_weight: float = 1e-2
     router_z_loss_weight: float = 1e-3
 
@@ -132,6 +135,9 @@ class MoeConfig:
         if self.num_shared_experts < 0:
             raise ValueError(f"MoeConfig.num_shared_experts={self.num_shared_experts} must "
                              "be >= 0")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"MoeConfig.routed_scaling_factor={self.routed_scaling_factor} "
+                             "must be > 0 (1.0: the router weights unchanged)")
         if not 0.0 <= self.jitter_noise < 1.0:
             raise ValueError(f"MoeConfig.jitter_noise={self.jitter_noise} must be in [0, 1)")
         for field in ("load_balance_loss_weight", "router_z_loss_weight"):
@@ -436,6 +442,8 @@ class MoeBlock(nnx.Module):
                 jnp.sum(mask) * cfg.num_experts_per_token, 1.0)
             dropped = 1.0 - kept_frac
 
+        if cfg.routed_scaling_factor != 1.0:
+            y = y * cfg.routed_scaling_factor
         if self.shared is not None:
             y = y + self.shared(x, deterministic=deterministic, rngs=rngs)
         self._record(logits, probs, assignments, dropped, mask)

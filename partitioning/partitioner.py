@@ -397,9 +397,8 @@ class Partitioner:
         def row(path, leaf, sharding, names=None):
             shape = tuple(leaf.shape)
             dtype = np.dtype(leaf.dtype)
-            shard = sharding.shard_shape(shape)
             count = math.prod(shape)
-            device_bytes = math.prod(shard) * dtype.itemsize
+            device_bytes = bytes_per_device(shape, dtype, sharding)
             totals["count"] += count
             totals["bytes"] += count * dtype.itemsize
             totals["device_bytes"] += device_bytes
@@ -423,18 +422,27 @@ class Partitioner:
         lines = [fmt(header), *map(fmt, rows)]
         lines.append(
             f"total: {totals['count']:,} parameters, {totals['bytes']:,} bytes "
-            f"({_human(totals['bytes'])}); per device: {totals['device_bytes']:,} bytes "
-            f"({_human(totals['device_bytes'])}) on each of {self.mesh.size} devices"
+            f"({human_bytes(totals['bytes'])}); per device: {totals['device_bytes']:,} bytes "
+            f"({human_bytes(totals['device_bytes'])}) on each of {self.mesh.size} devices"
         )
         return "\n".join(lines)
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+def human_bytes(n: float | None, digits: int = 1) -> str:
+    """1536 -> '1.5 KiB' (binary units up to TiB; None -> '?')."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} B" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
+    raise AssertionError  # pragma: no cover
+
+
+def bytes_per_device(shape: Sequence[int], dtype, sharding) -> int:
+    """Bytes of the largest shard one device holds of an array (all of it if unsharded)."""
+    shard = sharding.shard_shape(tuple(shape)) if sharding is not None else tuple(shape)
+    return math.prod(shard) * np.dtype(dtype).itemsize
 
 
 def shard_of_process(rows_of_process: Mapping[int, set[int]], process: int) -> tuple[int, int]:

@@ -212,25 +212,19 @@ def target_devices(target: Target) -> tuple[list[Any], str]:
 
 
 def _fmt(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
+    from partitioning import partitioner
+
+    return partitioner.human_bytes(n, digits=2)
 
 
 def device_bytes(tree: Any) -> int:
     """Bytes one device holds of a pytree of sharded ShapeDtypeStructs (the largest shard)."""
     import jax
-    import numpy as np
 
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shard = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-    return total
+    from partitioning import partitioner
+
+    return sum(partitioner.bytes_per_device(leaf.shape, leaf.dtype, leaf.sharding)
+               for leaf in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass

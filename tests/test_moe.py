@@ -223,15 +223,19 @@ def test_block_records_its_statistics_and_weighted_aux_loss():
     block(x)
 
 
-def test_shared_experts_add_a_dense_mlp_seen_by_every_token():
-    block = _block(num_experts=4, num_experts_per_token=2, dispatch="dropless",
-                   num_shared_experts=2)
-    routed = _block(num_experts=4, num_experts_per_token=2, dispatch="dropless")
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_shared_experts_add_a_dense_mlp_seen_by_every_token(dispatch, scale):
+    # routed_scaling_factor multiplies the routed experts' sum only (DeepSeek-V2/V3).
+    block = _block(num_experts=4, num_experts_per_token=2, dispatch=dispatch,
+                   num_shared_experts=2, routed_scaling_factor=scale)
+    routed = _block(num_experts=4, num_experts_per_token=2, dispatch=dispatch)
     for name in ("router", "experts"):
         nnx.update(getattr(routed, name), nnx.state(getattr(block, name)))
     x = _x()
     assert block.shared.wo.kernel.shape == (2 * F, D)
-    np.testing.assert_allclose(block(x), routed(x) + block.shared(x), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(block(x), scale * routed(x) + block.shared(x), atol=1e-5,
+                               rtol=0)
 
 
 def test_expert_choice_gives_each_expert_its_capacity_of_real_tokens():
@@ -275,6 +279,8 @@ def test_config_errors_name_the_value_and_the_fix():
         moe.MoeConfig(routing="expert_choice", dispatch="dropless")
     with pytest.raises(ValueError, match="routing='top2'"):
         moe.MoeConfig(routing="top2")
+    with pytest.raises(ValueError, match=r"routed_scaling_factor=0\.0 must be > 0"):
+        moe.MoeConfig(routed_scaling_factor=0.0)
     with pytest.raises(ValueError, match=r"moe=\{.*must be a models\.moe\.MoeConfig"):
         dataclasses.replace(LLAMA, moe={"num_experts": 8})
     # A group size that does not divide the batch's tokens (a decoding step) falls back

@@ -443,13 +443,14 @@ def _mixtral_export_class(cfg: decoder_only.DecoderOnlyConfig, preferred: str | 
         "routing": (m.routing, "token_choice"), "renormalize": (m.renormalize, True),
         "dispatch": (m.dispatch, "dropless"), "layer_interval": (m.layer_interval, 1),
         "num_shared_experts": (m.num_shared_experts, 0), "jitter_noise": (m.jitter_noise, 0.0),
+        "routed_scaling_factor": (m.routed_scaling_factor, 1.0),
     }
     for field, (value, want) in wrong.items():
         if value != want:
             raise ConversionError(
                 f"MoeConfig.{field}={value!r} has no Hugging Face Mixtral equivalent (softmax "
                 "top-k, renormalised, dropless, every layer sparse, no shared experts, no "
-                f"jitter); set {field}={want!r} to export as MixtralForCausalLM")
+                f"jitter, no routed scaling); set {field}={want!r} to export as MixtralForCausalLM")
     if cfg.qkv_bias:
         raise ConversionError("qkv_bias=True has no Hugging Face Mixtral equivalent; export "
                               "a config without q/k/v biases")
