@@ -21,7 +21,6 @@ def plan(target, *, model, optimizer, mesh_config=None, partitioning_rules="dp",
          **_unused_train_args) -> str:
     """The sharding table for `train.train`'s arguments on `target`'s devices (or None:
     this process's devices)."""
-
     from t5x_like import precompile
     from t5x_like.runtime import Runtime
     from t5x_like.trainer import Trainer

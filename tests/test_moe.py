@@ -234,8 +234,9 @@ def test_shared_experts_add_a_dense_mlp_seen_by_every_token(dispatch, scale):
         nnx.update(getattr(routed, name), nnx.state(getattr(block, name)))
     x = _x()
     assert block.shared.wo.kernel.shape == (2 * F, D)
-    np.testing.assert_allclose(block(x), scale * routed(x) + block.shared(x), atol=1e-5,
-                               rtol=0)
+    # The routed part's rounding error grows with the factor; 1e-6 at factor 1, as before.
+    np.testing.assert_allclose(block(x), scale * routed(x) + block.shared(x),
+                               atol=1e-6 * scale, rtol=0)
 
 
 def test_expert_choice_gives_each_expert_its_capacity_of_real_tokens():
