@@ -83,9 +83,18 @@ def test_tasks_are_registered_and_reregistering_is_harmless():
     names = set(seqio.TaskRegistry.names())
     assert {"shakespeare_span_corruption", "shakespeare_span_corruption_byte",
             "c4_span_corruption", "c4_v220_span_corruption"} <= names
-    importlib.reload(tasks)  # runs every registration a second time
-    assert seqio.get_mixture_or_task("shakespeare_span_corruption").splits == (
-        "train", "validation")
+    # Reloading re-executes the module in place, giving every function a new identity.
+    # Put the original namespace back afterwards: gin's dynamic registration (e.g.
+    # `@tasks.num_play_classes()` in a quickstart gin file parsed by another test in
+    # this worker) refuses a second, different function under the same name.
+    namespace = dict(vars(tasks))
+    try:
+        importlib.reload(tasks)  # runs every registration a second time
+        assert seqio.get_mixture_or_task("shakespeare_span_corruption").splits == (
+            "train", "validation")
+    finally:
+        vars(tasks).clear()
+        vars(tasks).update(namespace)
 
 
 @pytest.mark.parametrize("name,vocab", [("shakespeare_span_corruption", "shakespeare_spm"),
