@@ -80,6 +80,7 @@ def evaluate(
     """Computes every metric the task defines; writes `output_dir/eval_metrics.json`."""
     infer.single_host_only("--run_mode=eval")
     decode.check_run("--run_mode=eval")
+    input_pipeline.check_vocabularies(model, mixture_or_task_name)
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
     params = runtime.restore_params(checkpoint_path)
     if isinstance(model, model_api.SequenceClassificationModel):

@@ -212,6 +212,7 @@ def infer(
 ) -> pathlib.Path:
     """Writes `output_dir/<task>-<split>.jsonl`: one {input, prediction, target} per example."""
     single_host_only("--run_mode=infer")
+    input_pipeline.check_vocabularies(model, dataset_cfg.mixture_or_task_name)
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)
     params = runtime.restore_params(checkpoint_path)
     if decode.quantize:

@@ -51,6 +51,12 @@ class DatasetConfig:
                 f"batch_size={self.batch_size}")
 
 
+def check_vocabularies(model, mixture_or_task_name: str) -> None:
+    """Fails fast when the task tokenises with other vocabularies than `model`."""
+    data_lib.check_vocabularies(mixture_or_task_name, model.input_vocabulary,
+                                model.output_vocabulary)
+
+
 def build_dataset(
     cfg: DatasetConfig,
     feature_converter: seqio.FeatureConverter,

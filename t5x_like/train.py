@@ -261,6 +261,9 @@ def train(
         )
     if sample_every and jax.process_count() > 1:
         raise NotImplementedError("sample_every > 0 is single-host for now; set it to 0")
+    input_pipeline.check_vocabularies(model, train_dataset_cfg.mixture_or_task_name)
+    if eval_dataset_cfg is not None and (eval_every or sample_every):
+        input_pipeline.check_vocabularies(model, eval_dataset_cfg.mixture_or_task_name)
 
     # 1. Runtime: mesh, partitioner, abstract network; then the jitted steps.
     runtime = Runtime.build(model, mesh_config=mesh_config, rules=partitioning_rules)

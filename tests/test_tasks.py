@@ -218,6 +218,38 @@ def test_unknown_task_and_split_errors():
         data.get_dataset("shakespeare_span_corruption", LENGTHS, split="test")
 
 
+def test_task_and_model_vocabularies_must_agree():
+    spm = data.get_vocabulary("shakespeare_spm")
+    same_file = seqio.SentencePieceVocabulary(spm.sentencepiece_model_file, spm.extra_ids)
+    data.check_vocabularies("shakespeare_lm", spm, spm)
+    data.check_vocabularies("shakespeare_lm", same_file, same_file)  # equal, not identical
+    data.check_vocabularies("shakespeare_lm_byte", data.get_vocabulary("byte"),
+                            seqio.ByteVocabulary(extra_ids=100))
+    with pytest.raises(ValueError, match=r"'shakespeare_lm_byte' tokenises 'targets' with "
+                                         r"ByteVocabulary\(359 ids\) but the model uses "
+                                         r"SentencePieceVocabulary\('.*', 8100 ids\); give "
+                                         r"the model the task's vocabulary \(the "
+                                         r"VOCABULARY_NAME macro"):
+        data.check_vocabularies("shakespeare_lm_byte", spm, spm)
+    # Other sentinels: the same pieces but other ids past the vocabulary.
+    with pytest.raises(ValueError, match="tokenises 'inputs'"):
+        fewer = seqio.SentencePieceVocabulary(spm.sentencepiece_model_file, extra_ids=10)
+        data.check_vocabularies("shakespeare_span_corruption", fewer, fewer)
+    with pytest.raises(ValueError, match="no seqio task or mixture is registered as 'nope'"):
+        data.check_vocabularies("nope", spm, spm)
+
+
+def test_training_on_a_task_of_another_vocabulary_fails_before_building(tmp_path):
+    from t5x_like import main
+
+    with pytest.raises(ValueError, match="'shakespeare_lm_byte' tokenises 'targets' with "
+                                         "ByteVocabulary"):
+        main.main(["--gin_file=experiments/quickstart_llama.gin",
+                   f"--gin.MODEL_DIR='{tmp_path}'",
+                   "--gin.MIXTURE_OR_TASK_NAME='shakespeare_lm_byte'"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
 # ------------------------------------------------------------------------ metrics
 
 

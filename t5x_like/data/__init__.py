@@ -9,7 +9,12 @@ for the encoder-only ones are in `feature_converters.py`.
 """
 
 from t5x_like.data import feature_converters, metrics, preprocessors, tasks, vocabularies
-from t5x_like.data.dataset import check_registered, get_dataset, registered_names
+from t5x_like.data.dataset import (
+    check_registered,
+    check_vocabularies,
+    get_dataset,
+    registered_names,
+)
 from t5x_like.data.feature_converters import (
     ClassificationFeatureConverter,
     MaskedLMFeatureConverter,
@@ -66,6 +71,7 @@ __all__ = [
     "MaskedLMFeatureConverter",
     "MlmIds",
     "check_registered",
+    "check_vocabularies",
     "feature_converters",
     "get_dataset",
     "get_vocabulary",

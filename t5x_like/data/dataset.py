@@ -29,6 +29,54 @@ def check_registered(name: str) -> None:
         "imported (t5x_like.data registers the shakespeare_* and c4_* tasks).")
 
 
+def _same_vocabulary(a: seqio.Vocabulary, b: seqio.Vocabulary) -> bool | None:
+    """True / False where it can tell; None for a vocabulary class without an `__eq__`.
+
+    SentencePiece vocabularies of the same model file and extra ids are equal without
+    reading the file (it may be a remote path that is read lazily); otherwise seqio's
+    own `__eq__` decides (SentencePiece: the model's bytes; Byte: ids and extra ids).
+    """
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, seqio.SentencePieceVocabulary) and (
+            a.sentencepiece_model_file == b.sentencepiece_model_file
+            and a.extra_ids == b.extra_ids):
+        return True
+    if "__eq__" not in {k for cls in type(a).__mro__[:-1] for k in vars(cls)}:
+        return None
+    try:
+        return a == b
+    except (OSError, tf.errors.OpError):  # a model file that cannot be read here
+        return None
+
+
+def _describe(vocab: seqio.Vocabulary) -> str:
+    path = getattr(vocab, "sentencepiece_model_file", None)
+    return (f"{type(vocab).__name__}({path!r}, {vocab.vocab_size} ids)" if path
+            else f"{type(vocab).__name__}({vocab.vocab_size} ids)")
+
+
+def check_vocabularies(name: str, input_vocabulary: seqio.Vocabulary,
+                       output_vocabulary: seqio.Vocabulary) -> None:
+    """Raises a ValueError when the task's "inputs" / "targets" are tokenised with a
+    vocabulary other than the model's (training would run, on ids that mean other
+    pieces, and decoding would print nonsense)."""
+    check_registered(name)
+    provider = seqio.get_mixture_or_task(name)
+    model_vocabularies = {"inputs": input_vocabulary, "targets": output_vocabulary}
+    for feature, spec in provider.output_features.items():
+        ours = model_vocabularies.get(feature)
+        if ours is None or _same_vocabulary(spec.vocabulary, ours) is not False:
+            continue
+        raise ValueError(
+            f"{name!r} tokenises {feature!r} with {_describe(spec.vocabulary)} but the "
+            f"model uses {_describe(ours)}; give the model the task's vocabulary "
+            "(the VOCABULARY_NAME macro, e.g. --gin.VOCABULARY_NAME=\"'byte'\" for a "
+            "*_byte task) or pick a task tokenised with the model's")
+
+
 def _how_to_fix(task: seqio.Task) -> str:
     source = task.source
     if isinstance(source, seqio.TfdsDataSource):
