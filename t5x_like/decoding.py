@@ -56,6 +56,7 @@ K beam size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -482,6 +483,24 @@ def _as_f32(out: tuple[jax.Array, PyTree]) -> tuple[jax.Array, PyTree]:
     return out[0].astype(jnp.float32), out[1]
 
 
+def _stop_ids(stop_tokens: Sequence[int] | jax.Array) -> jax.Array | None:
+    """`stop_tokens` as int32 [n] (every row) or [B, n] (per row); None when empty."""
+    stop = jnp.asarray(stop_tokens, jnp.int32)
+    if stop.size and stop.ndim not in (1, 2):
+        raise ValueError(f"stop_tokens must be [n] or [B, n] ids, got shape {stop.shape}")
+    return stop if stop.size else None
+
+
+def _ends_sequence(tokens: jax.Array, *, eos_id: int, stop: jax.Array | None) -> jax.Array:
+    """tokens [B, ...] -> bool [B, ...]: EOS or one of the row's stop tokens."""
+    ends = tokens == eos_id
+    if stop is not None:
+        stop = jnp.atleast_2d(stop)  # [1 or B, n]
+        stop = stop.reshape(stop.shape[0], *([1] * (tokens.ndim - 1)), stop.shape[-1])
+        ends = ends | jnp.any(tokens[..., None] == stop, axis=-1)
+    return ends
+
+
 def _check_steps(first_tokens: jax.Array, max_decode_steps: int) -> None:
     if first_tokens.ndim != 1:
         raise ValueError(
@@ -624,10 +643,7 @@ def sample(
             f"rng has {keys.shape[0]} keys but the batch has B={first_tokens.shape[0]} "
             "rows; pass one key, or one key per row"
         )
-    stop = jnp.asarray(stop_tokens, jnp.int32)
-    stop = stop if stop.size else None
-    if stop is not None and stop.ndim not in (1, 2):
-        raise ValueError(f"stop_tokens must be [n] or [B, n] ids, got shape {stop.shape}")
+    stop = _stop_ids(stop_tokens)
 
     n = int(num_samples)
     if n > 1:
@@ -672,12 +688,7 @@ def sample(
         prompt = prompt_tokens.astype(jnp.int32)
         prompt_len = jnp.sum(prompt != PAD_ID, axis=-1).astype(jnp.int32)  # [B]
 
-    def ends_sequence(tokens: jax.Array) -> jax.Array:
-        """[B] tokens -> [B] bool: EOS or a stop token."""
-        ends = tokens == eos_id
-        if stop is not None:
-            ends = ends | jnp.any(tokens[:, None] == jnp.atleast_2d(stop), axis=-1)
-        return ends
+    ends_sequence = functools.partial(_ends_sequence, eos_id=eos_id, stop=stop)
 
     def cond_fn(state: SamplingState) -> jax.Array:
         return (state.step < num_steps) & ~jnp.all(state.finished)
@@ -874,6 +885,7 @@ def beam_search(
     alpha: float | jax.Array = 0.6,
     eos_id: int = 1,
     initial_logits: jax.Array | None = None,
+    stop_tokens: Sequence[int] | jax.Array = (),
 ) -> BeamSearchOutput:
     """Beam search with T5X's brevity penalty and early stopping.
 
@@ -902,6 +914,9 @@ def beam_search(
       eos_id: ends a beam; afterwards it holds 0.
       initial_logits: optional [B, V] logits of step 0 from a prefill (as `sample`):
         step 0 then makes no step_fn call.
+      stop_tokens: more ids that end a beam exactly like `eos_id` (kept in the sequence,
+        counted in its length): [n] for every row or [B, n] per row (pad a row's list
+        with `eos_id`), as in `sample`.
 
     Returns:
       A `BeamSearchOutput`. Jit-able with `beam_size`, `max_decode_steps`, `eos_id` and
@@ -913,6 +928,10 @@ def beam_search(
         raise ValueError(f"beam_size={beam_size!r} must be a Python int >= 1")
     batch, k, num_steps = first_tokens.shape[0], int(beam_size), int(max_decode_steps)
     alpha = jnp.asarray(alpha, jnp.float32)
+    stop = _stop_ids(stop_tokens)
+    if stop is not None and stop.ndim == 2 and stop.shape[0] != batch:
+        raise ValueError(f"stop_tokens has {stop.shape[0]} rows but the batch has "
+                         f"B={batch}; pass [n] ids for every row or [B, n]")
     flags = _batch_major_flags(cache, batch)
     cache = _map_batch_major(lambda x: jnp.repeat(x, k, axis=0), cache, flags)
     if initial_logits is not None:
@@ -948,7 +967,7 @@ def beam_search(
         parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)  # [B, 2K]
         seqs = _take_beams(state.live_tokens, parent)  # [B, 2K, S]
         seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], state.step, axis=2)
-        ends = token == eos_id
+        ends = _ends_sequence(token, eos_id=eos_id, stop=stop)  # [B, 2K]
 
         # Alive: the K best extensions that did not end.
         live_lp, pick = jax.lax.top_k(jnp.where(ends, -jnp.inf, top_lp), k)  # [B, K]

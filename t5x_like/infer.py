@@ -39,9 +39,10 @@ class DecodeConfig:
     """How predictions are decoded; every field is a gin knob of `--run_mode=infer`.
 
     method: 'sample' (temperature 0 = greedy), 'beam' (T5X beam search: beam_size,
-      alpha), 'best_of_n' (num_candidates samples, the best by model log-prob, per token
-      with length_normalize) or 'speculative' (`drafter` proposes `gamma` tokens per target
-      call; temperature / top_k / top_p only; greedy output equals the target's).
+      alpha, stop_tokens), 'best_of_n' (num_candidates samples, the best by model
+      log-prob, per token with length_normalize) or 'speculative' (`drafter` proposes
+      `gamma` tokens per target call; temperature / top_k / top_p only; greedy output
+      equals the target's).
     Sampling knobs (as vLLM / HF): temperature, top_k (0 = off), top_p (1 = off), min_p
       (0 = off), repetition_penalty (1 = off, counts the prompt), presence_penalty and
       frequency_penalty (0 = off), stop_tokens (ids that end a sequence besides EOS),
@@ -89,7 +90,7 @@ class DecodeConfig:
                              "method='sample' (best_of_n takes num_candidates)")
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
         # A knob the method does not use is an error, never silently dropped.
-        unused = {"beam": _SAMPLING_KNOBS, "speculative": _SAMPLING_KNOBS[3:]}.get(
+        unused = {"beam": _SAMPLING_KNOBS[:-1], "speculative": _SAMPLING_KNOBS[3:]}.get(
             self.method, ())
         unused = [k for k in unused if getattr(self, k) != _DEFAULTS[k]]
         if unused:
@@ -123,7 +124,7 @@ class DecodeConfig:
         if self.method == "sample":
             kw.update(sampling, num_samples=self.num_samples)
         elif self.method == "beam":
-            kw.update(beam_size=self.beam_size, alpha=self.alpha)
+            kw.update(beam_size=self.beam_size, alpha=self.alpha, stop_tokens=self.stop_tokens)
             del kw["temperature"]
         elif self.method == "best_of_n":
             kw.update(sampling, num_candidates=self.num_candidates,

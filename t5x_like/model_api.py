@@ -214,9 +214,9 @@ class BaseModel:
         method 'sample' (`decoding.sample`: greedy at temperature 0, sampling knobs in
         `sampling`; `num_samples=N` gives [B * N, S], row b's draws at b*N..b*N+N-1),
         'beam' (`decoding.beam_search`: the best beam; its score is log-prob / brevity
-        penalty) or 'best_of_n' (`decoding.best_of_n` over `num_candidates` samples; its
-        score is the model log-prob, per token with `length_normalize`). Returns tokens
-        [B, S] (and the scores [B] if asked).
+        penalty; `stop_tokens` end beams like EOS) or 'best_of_n' (`decoding.best_of_n`
+        over `num_candidates` samples; its score is the model log-prob, per token with
+        `length_normalize`). Returns tokens [B, S] (and the scores [B] if asked).
         """
         eos_id = self.output_vocabulary.eos_id
         rng = rng if rng is not None else jax.random.key(0)
@@ -226,13 +226,15 @@ class BaseModel:
                                   context_tokens=context_tokens, **sampling)
             tokens, scores = out.tokens, out.log_probs
         elif method == "beam":
+            stop_tokens = sampling.pop("stop_tokens", ())
             if sampling.pop("temperature", 0.0) != 0.0 or sampling:
-                raise ValueError(f"method='beam' takes beam_size and alpha, not "
+                raise ValueError(f"method='beam' takes beam_size, alpha and stop_tokens, not "
                                  f"{sorted(sampling) or ['temperature']} (beam search is "
                                  "deterministic and returns one sequence per example)")
             out = decoding.beam_search(step_fn, first_tokens, cache, beam_size=beam_size,
                                        max_decode_steps=max_decode_length, alpha=alpha,
-                                       eos_id=eos_id, initial_logits=initial_logits)
+                                       eos_id=eos_id, initial_logits=initial_logits,
+                                       stop_tokens=stop_tokens)
             tokens, scores = out.tokens[:, 0], out.scores[:, 0]
         elif method == "best_of_n":
             sampling.pop("num_samples", None)

@@ -128,13 +128,14 @@ def second_order_step_fn(table3: np.ndarray):
     return step_fn
 
 
-def brute_force(table3, prev0, first, steps, alpha):
-    """Every sequence the search can return: EOS-free then EOS (length <= S, EOS counted),
-    or S EOS-free tokens; scored log-prob / brevity penalty. Sorted best first."""
+def brute_force(table3, prev0, first, steps, alpha, enders=(EOS,)):
+    """Every sequence the search can return: ender-free then an ender (EOS or a stop
+    token; length <= S, the ender counted), or S ender-free tokens; scored log-prob /
+    brevity penalty. Sorted best first."""
     results = []
-    non_eos = [t for t in range(table3.shape[0]) if t != EOS]
+    non_eos = [t for t in range(table3.shape[0]) if t not in enders]
     for length in range(1, steps + 1):
-        endings = [(EOS,)] + ([tuple(non_eos)] if length == steps else [])
+        endings = [tuple(sorted(set(enders)))] + ([tuple(non_eos)] if length == steps else [])
         for body in itertools.product(non_eos, repeat=length - 1):
             for last in itertools.chain(*endings):
                 seq = (*body, last)
@@ -147,7 +148,7 @@ def brute_force(table3, prev0, first, steps, alpha):
 
 
 @functools.partial(jax.jit, static_argnames=("use_initial_logits",))
-def _beam_tiny(prev0, first, alpha, use_initial_logits):
+def _beam_tiny(prev0, first, alpha, use_initial_logits, stop_tokens=()):
     step_fn = second_order_step_fn(TINY_T3)
     cache = {"prev": prev0, "calls": jnp.zeros((), jnp.int32)}
     initial_logits = None
@@ -156,7 +157,7 @@ def _beam_tiny(prev0, first, alpha, use_initial_logits):
         cache = {"prev": first, "calls": jnp.zeros((), jnp.int32)}
     return decoding.beam_search(
         step_fn, first, cache, beam_size=TINY_K, max_decode_steps=TINY_STEPS, alpha=alpha,
-        initial_logits=initial_logits)
+        initial_logits=initial_logits, stop_tokens=stop_tokens)
 
 
 PREV0 = np.asarray([0, 2, 3, 1], np.int32)
@@ -180,6 +181,31 @@ def test_wide_beam_equals_brute_force_enumeration(alpha):
             assert int(out.lengths[b, j]) == len(seq)
             np.testing.assert_allclose(out.scores[b, j], score, atol=1e-5)
             np.testing.assert_allclose(out.log_probs[b, j], lp, atol=1e-5)
+
+
+# Stop tokens, [n] for every row and [B, n] per row (a row's list padded with EOS). The
+# enumeration stays exact: fewer tokens continue a beam, so fewer prefixes need keeping.
+@pytest.mark.parametrize("stop", [[2], [[2, EOS], [3, EOS], [2, 3], [EOS, EOS]]])
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_stop_tokens_end_beams_like_eos_against_brute_force(stop, alpha):
+    out = _beam_tiny(jnp.asarray(PREV0), jnp.asarray(TINY_FIRST), alpha,
+                     use_initial_logits=False, stop_tokens=jnp.asarray(stop, jnp.int32))
+    per_row = np.broadcast_to(np.atleast_2d(stop), (len(PREV0), np.shape(stop)[-1]))
+    for b in range(len(PREV0)):
+        enders = (EOS, *per_row[b])
+        ranked = brute_force(TINY_T3, PREV0[b], TINY_FIRST[b], TINY_STEPS, alpha,
+                             enders)[:TINY_K]
+        for j, (score, seq, lp) in enumerate(ranked):
+            np.testing.assert_array_equal(out.tokens[b, j, : len(seq)], seq)
+            np.testing.assert_array_equal(out.tokens[b, j, len(seq):], 0)
+            assert int(out.lengths[b, j]) == len(seq)
+            np.testing.assert_allclose(out.scores[b, j], score, atol=1e-5)
+            np.testing.assert_allclose(out.log_probs[b, j], lp, atol=1e-5)
+        if set(enders) != {EOS}:  # a stop token really ended some of the returned beams
+            assert any(seq[-1] in set(enders) - {EOS} for _, seq, _ in ranked)
+    with pytest.raises(ValueError, match="stop_tokens has 3 rows but the batch has B=4"):
+        _beam_tiny(jnp.asarray(PREV0), jnp.asarray(TINY_FIRST), alpha,
+                   use_initial_logits=False, stop_tokens=jnp.zeros((3, 1), jnp.int32))
 
 
 def test_initial_logits_from_a_prefill_give_the_same_beams():

@@ -147,7 +147,7 @@ def test_decode_config_validates_and_maps_its_knobs():
     with pytest.raises(ValueError, match="num_samples=3"):
         infer.DecodeConfig(method="beam", num_samples=3)
     # A knob the method does not use is an error, not silently dropped.
-    with pytest.raises(ValueError, match=r"method='beam' does not use \['top_k', 'stop_tokens'\]"):
+    with pytest.raises(ValueError, match=r"method='beam' does not use \['top_k'\]"):
         infer.DecodeConfig(method="beam", top_k=5, stop_tokens=(3,))
     with pytest.raises(ValueError, match=r"method='speculative' does not use \['min_p'\]"):
         infer.DecodeConfig(method="speculative", min_p=0.1, drafter=infer.Drafter(None, "x"))
@@ -155,8 +155,9 @@ def test_decode_config_validates_and_maps_its_knobs():
         infer.DecodeConfig(method="best_of_n")
     with pytest.raises(ValueError, match="quantize with --run_mode=infer"):
         infer.DecodeConfig(quantize="int8").check_run("--run_mode=eval")
-    kw = infer.DecodeConfig(method="beam", beam_size=2).decode_kwargs()
+    kw = infer.DecodeConfig(method="beam", beam_size=2, stop_tokens=[5]).decode_kwargs()
     assert kw["beam_size"] == 2 and "top_k" not in kw and "temperature" not in kw
+    assert kw["stop_tokens"] == (5,)
     kw = infer.DecodeConfig(min_p=0.1, stop_tokens=[7]).decode_kwargs()
     assert kw["min_p"] == 0.1 and kw["stop_tokens"] == (7,) and kw["method"] == "sample"
 
