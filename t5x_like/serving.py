@@ -41,6 +41,15 @@ prefill the prompt's full blocks are inserted. Eviction is least-recently-used u
 descendants and eviction removes the deepest blocks of the oldest chains first (what is
 cached is always a prefix, never a chain with a hole).
 
+**Encoder-decoder networks** (T5, Switch) are served the same way. A request's `prompt`
+is then the encoder input: admission encodes it alone (padded on the right to a
+`prefill_buckets` length; padding is masked out of the encoder and of cross-attention),
+puts the cross-attention K/V of every decoder layer into the row (padded to the
+engine's `max_input_length`) and feeds the decoder start token 0, whose logits give the
+first new token. Decode steps are then those of a decoder-only network, one position per
+row; the sampling position is the number of decoder tokens fed (1 for the first new
+token). Prefix caching does not apply (an encoder input is attended bidirectionally).
+
 The engine runs on one device (where the network's arrays are). Log-probs are those of
 the raw model distribution (log_softmax of the logits, before temperature / top-k /
 top-p), as `decoding.DecodeOutput.token_log_probs`.
@@ -64,7 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import decoder_only, layers
+from models import decoder_only, encoder_decoder, layers
 from t5x_like import decoding
 
 Array = jax.Array
@@ -80,7 +89,8 @@ FINISH_LENGTH = "length"  # max_new_tokens were generated
 class Request:
     """One generation request.
 
-    prompt: token ids (at least one). Generation continues the prompt.
+    prompt: token ids (at least one). Generation continues the prompt (decoder-only) or
+      answers it (encoder-decoder: the encoder input; decoding starts from token 0).
     max_new_tokens: the most tokens to generate (>= 1).
     temperature: 0 is greedy (argmax); > 0 samples from softmax(logits / temperature)
       after top-k (0: off) and top-p (1: off) filtering, as `decoding.process_logits`.
@@ -321,13 +331,39 @@ def _prefill(graphdef, state, cache: decoder_only.DecoderOnlyCache, logits: Arra
     return cache, jax.lax.dynamic_update_index_in_dim(logits, last, slot, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _decode(graphdef, state, cache: decoder_only.DecoderOnlyCache, tokens: Array,
-            active: Array):
-    """Feeds every row's last token (tokens [S]) -> (cache, next-token logits [S, V]).
-    Inactive rows keep their index and route nowhere (MoE)."""
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache", "logits"))
+def _prefill_encoder(graphdef, state, cache: encoder_decoder.DecoderCache, logits: Array,
+                     slot: Array, inputs: Array):
+    """Encodes one request's encoder input (inputs [T], 0-padded), puts its cross-attention
+    K/V (padded to the cache's encoder length) in row `slot`, feeds the decoder start token
+    0 and puts its logits in row `slot` of `logits` [S, V]. Returns (cache, logits)."""
     network = nnx.merge(graphdef, state)
-    logits, new = network.decode(tokens[:, None], cache=cache, token_mask=active[:, None])
+    encoded = network.encode(inputs[None])  # [1, T, D]
+    row = network.init_cache(encoded, inputs[None], cache.max_length)
+    pad = cache.encoder_mask.shape[1] - inputs.shape[0]
+    row = row.replace(
+        cross_attention=tuple(
+            layers.KVCache(k=jnp.pad(kv.k, ((0, 0), (0, pad), (0, 0), (0, 0))),
+                           v=jnp.pad(kv.v, ((0, 0), (0, pad), (0, 0), (0, 0))))
+            for kv in row.cross_attention),
+        encoder_mask=jnp.pad(row.encoder_mask, ((0, 0), (0, pad))))
+    out, row = network.decode(None, None, jnp.zeros((1, 1), jnp.int32), cache=row)
+    row = jax.tree.map(lambda r, c: r.astype(c.dtype), row, cache)
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r, slot, 0),
+                         cache, row)
+    return cache, jax.lax.dynamic_update_index_in_dim(logits, out[:, 0], slot, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, tokens: Array, active: Array):
+    """Feeds every row's last token (tokens [S]) -> (cache, next-token logits [S, V]).
+    Inactive rows keep their index (and, decoder-only, route nowhere in MoE layers)."""
+    network = nnx.merge(graphdef, state)
+    if isinstance(network, encoder_decoder.EncoderDecoder):
+        # Cached decoding reads the encoder from the cache (cross K/V and mask).
+        logits, new = network.decode(None, None, tokens[:, None], cache=cache)
+    else:
+        logits, new = network.decode(tokens[:, None], cache=cache, token_mask=active[:, None])
     return new.rewind(jnp.where(active, new.index, cache.index)), logits[:, 0]
 
 
@@ -365,19 +401,26 @@ def _default_buckets(max_length: int) -> tuple[int, ...]:
 
 
 class Engine:
-    """Continuous-batching generation for a decoder-only network (see the module docstring).
+    """Continuous-batching generation for a decoder-only or encoder-decoder network (see
+    the module docstring).
 
     Args:
       network: a `models.DecoderOnly` (any variant: RoPE or learned positions, GQA,
-        sliding window, MoE).
+        sliding window, MoE) or a `models.EncoderDecoder` (T5, Switch).
       num_slots: requests decoded together (rows of the KV cache).
-      max_length: cache slots per row; every request needs len(prompt) + max_new_tokens
-        <= max_length (at most the network's config.max_length).
+      max_length: decoder cache slots per row. Decoder-only: every request needs
+        len(prompt) + max_new_tokens <= max_length (at most the network's
+        config.max_length). Encoder-decoder: 1 + max_new_tokens <= max_length (the
+        decoder start token and the new tokens).
       eos_id: a generated eos_id ends a request (None: only Request.stop_tokens do).
       prefill_buckets: prompt (remainder) lengths a prefill is padded to; one compiled
-        prefill per bucket used. max_length is added as the last bucket. Default: 16, 32,
-        64, ... below max_length.
-      prefix_cache: a `PrefixCache` to reuse prompt-prefix K/V across requests, or None.
+        prefill per bucket used. The longest prompt (max_length, or max_input_length for
+        an encoder-decoder) is added as the last bucket. Default: 16, 32, 64, ... below it.
+      prefix_cache: a `PrefixCache` to reuse prompt-prefix K/V across requests, or None
+        (decoder-only networks only).
+      max_input_length: encoder-decoder networks only (required there): the longest
+        encoder input (Request.prompt) in tokens; cross-attention K/V are kept at this
+        length per row.
     """
 
     def __init__(
@@ -389,30 +432,50 @@ class Engine:
         eos_id: int | None,
         prefill_buckets: Sequence[int] | None = None,
         prefix_cache: PrefixCache | None = None,
+        max_input_length: int | None = None,
     ):
-        if not isinstance(network, decoder_only.DecoderOnly):
+        if not isinstance(network, (decoder_only.DecoderOnly, encoder_decoder.EncoderDecoder)):
             raise TypeError(
-                f"Engine serves decoder-only networks (models.DecoderOnly); got "
-                f"{type(network).__name__}. Decode encoder-decoder models with "
-                "EncoderDecoderModel.predict_batch")
+                f"Engine serves decoder-only (models.DecoderOnly) and encoder-decoder "
+                f"(models.EncoderDecoder) networks; got {type(network).__name__}. Encoder-only "
+                "models predict in one forward pass (model.predict_batch)")
+        self.encoder_decoder = isinstance(network, encoder_decoder.EncoderDecoder)
         if not isinstance(num_slots, numbers.Integral) or num_slots < 1:
             raise ValueError(f"num_slots={num_slots!r} must be an int >= 1 (the number of "
                              "requests decoded together)")
         config = network.config
-        if not isinstance(max_length, numbers.Integral) or not 2 <= max_length <= (
-                config.max_length):
-            raise ValueError(
-                f"max_length={max_length!r} must be an int in [2, {config.max_length}] (the "
-                f"network's config.max_length={config.max_length}); lower it or build the "
-                "network with a larger max_length")
-        buckets = _default_buckets(max_length) if prefill_buckets is None else prefill_buckets
+        if self.encoder_decoder:
+            if not isinstance(max_length, numbers.Integral) or max_length < 2:
+                raise ValueError(f"max_length={max_length!r} must be an int >= 2 (decoder "
+                                 "slots: the start token and the new tokens)")
+            if not isinstance(max_input_length, numbers.Integral) or max_input_length < 1:
+                raise ValueError(
+                    f"max_input_length={max_input_length!r}: an encoder-decoder Engine needs "
+                    "the longest encoder input (Request.prompt) in tokens, an int >= 1")
+            if prefix_cache is not None:
+                raise ValueError("prefix_cache applies to decoder-only prompts; an "
+                                 "encoder-decoder Engine takes prefix_cache=None")
+            longest, what = int(max_input_length), "max_input_length"
+        else:
+            if max_input_length is not None:
+                raise ValueError(f"max_input_length={max_input_length} is for encoder-decoder "
+                                 "networks; a decoder-only prompt counts against max_length")
+            if not isinstance(max_length, numbers.Integral) or not 2 <= max_length <= (
+                    config.max_length):
+                raise ValueError(
+                    f"max_length={max_length!r} must be an int in [2, {config.max_length}] "
+                    f"(the network's config.max_length={config.max_length}); lower it or "
+                    "build the network with a larger max_length")
+            longest, what = int(max_length), "max_length"
+        buckets = _default_buckets(longest) if prefill_buckets is None else prefill_buckets
         bad = [b for b in buckets if not isinstance(b, numbers.Integral) or
-               not 1 <= b <= max_length]
+               not 1 <= b <= longest]
         if bad:
-            raise ValueError(f"prefill_buckets {bad} must be ints in [1, max_length="
-                             f"{max_length}]; drop them or raise max_length")
-        self.buckets = tuple(sorted({int(b) for b in buckets} | {int(max_length)}))
+            raise ValueError(f"prefill_buckets {bad} must be ints in [1, {what}="
+                             f"{longest}]; drop them or raise {what}")
+        self.buckets = tuple(sorted({int(b) for b in buckets} | {longest}))
         self.num_slots, self.max_length, self.eos_id = int(num_slots), int(max_length), eos_id
+        self.max_input_length = longest if self.encoder_decoder else None
         self.vocab_size = config.vocab_size
         self.prefix_cache = prefix_cache
         if prefix_cache is not None:
@@ -426,7 +489,13 @@ class Engine:
                     f"network); raise max_bytes to >= {block_bytes} or lower block_size")
 
         self._graphdef, self._state = nnx.split(network)
-        self._cache = network.init_cache(self.num_slots, self.max_length)
+        if self.encoder_decoder:  # empty rows: zero cross K/V, no visible encoder position
+            inputs = jnp.zeros((self.num_slots, longest), jnp.int32)
+            encoded = jnp.zeros((self.num_slots, longest, config.emb_dim),
+                                config.activation_dtype)
+            self._cache = network.init_cache(encoded, inputs, self.max_length)
+        else:
+            self._cache = network.init_cache(self.num_slots, self.max_length)
         self._logits = jnp.zeros((self.num_slots, config.vocab_size), jnp.float32)  # next
         self._slots: list[_Active | None] = [None] * self.num_slots
         self._sampling = {
@@ -451,7 +520,19 @@ class Engine:
     def submit(self, request: Request) -> int:
         """Queues `request`; returns its id (Result.id)."""
         n = len(request.prompt)
-        if n + request.max_new_tokens > self.max_length:
+        if self.encoder_decoder:
+            if n > self.max_input_length:
+                raise ValueError(
+                    f"encoder input of {n} tokens exceeds the engine's max_input_length="
+                    f"{self.max_input_length}; shorten it or build the Engine with "
+                    f"max_input_length >= {n}")
+            if 1 + request.max_new_tokens > self.max_length:
+                raise ValueError(
+                    f"max_new_tokens={request.max_new_tokens} + the decoder start token "
+                    f"exceeds the engine's max_length={self.max_length}; lower "
+                    f"max_new_tokens or build the Engine with max_length >= "
+                    f"{1 + request.max_new_tokens}")
+        elif n + request.max_new_tokens > self.max_length:
             raise ValueError(
                 f"prompt of {n} tokens + max_new_tokens={request.max_new_tokens} = "
                 f"{n + request.max_new_tokens} exceeds the engine's max_length="
@@ -461,6 +542,9 @@ class Engine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary "
                              f"[0, {self.vocab_size})")
+        if self.encoder_decoder and 0 in request.prompt:
+            raise ValueError("encoder input holds token id 0, which the encoder masks as "
+                             "padding; drop it (T5 inputs never contain 0)")
         request_id, self._next_id = self._next_id, self._next_id + 1
         self._waiting.append((request_id, request, time.perf_counter()))
         return request_id
@@ -536,9 +620,14 @@ class Engine:
         start = active.cached_tokens
         tokens = np.zeros(self._bucket(n - start), np.int32)
         tokens[:n - start] = prompt[start:]
-        self._cache, self._logits = _prefill(
-            self._graphdef, self._state, self._cache, self._logits, np.int32(slot), tokens,
-            np.int32(start), np.int32(n))
+        if self.encoder_decoder:
+            self._cache, self._logits = _prefill_encoder(
+                self._graphdef, self._state, self._cache, self._logits, np.int32(slot),
+                tokens)
+        else:
+            self._cache, self._logits = _prefill(
+                self._graphdef, self._state, self._cache, self._logits, np.int32(slot),
+                tokens, np.int32(start), np.int32(n))
         if pc is not None:
             pc.insert(prompt, lambda i: _read_block(
                 self._cache, np.int32(slot), np.int32(i * pc.block_size), pc.block_size))

@@ -22,6 +22,8 @@ import pytest
 from flax import nnx
 
 from models import decoder_only as do
+from models import encoder_decoder as ed
+from models import moe
 from t5x_like import decoding
 from t5x_like.serving import Engine, PrefixCache, Request
 
@@ -39,10 +41,20 @@ BLOCK = 8
 BLOCK_BYTES = LLAMA.num_layers * 2 * BLOCK * LLAMA.kv_heads * LLAMA.head_dim * 4
 
 
+T5 = ed.T5Config(vocab_size=V, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=48,
+                 num_encoder_layers=2, num_decoder_layers=2, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=16)
+SWITCH = dataclasses.replace(T5, moe=moe.MoeConfig(
+    num_experts=4, num_experts_per_token=1, renormalize=False, dispatch="dropless",
+    layer_interval=2))
+MAX_INPUT = 24
+
+
 def _random_net(cfg, seed):
     """Unit-scale random weights: norm scales in [0.5, 1.5], kernels N(0, 1/fan_in),
     biases N(0, 0.1^2), embeddings N(0, 1)."""
-    net = nnx.eval_shape(lambda: do.DecoderOnly(cfg, rngs=nnx.Rngs(0)))
+    cls = ed.EncoderDecoder if isinstance(cfg, ed.T5Config) else do.DecoderOnly
+    net = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
     state = nnx.state(net, nnx.Param)
 
@@ -178,6 +190,98 @@ def test_sampling_depends_only_on_the_request(nets):
     assert first[-1].tokens != first[4].tokens  # the seed matters
 
 
+# --- encoder-decoder --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def seq2seq_nets():
+    return {"t5": _random_net(T5, seed=6), "switch": _random_net(SWITCH, seed=7)}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_seq2seq(graphdef, state, inputs, targets):
+    return nnx.merge(graphdef, state)(inputs, targets)
+
+
+def _reference_seq2seq(net, request, eos_id=EOS):
+    """(tokens, log-probs) of `request` decoded alone by full uncached forward passes:
+    encoder input padded to MAX_INPUT (masked), decoder tokens 0 (start) + generated."""
+    graphdef, state = nnx.split(net)
+    inputs = np.zeros((1, MAX_INPUT), np.int32)
+    inputs[0, :len(request.prompt)] = request.prompt
+    seq, tokens, logprobs = [0], [], []
+    stop = {*request.stop_tokens, eos_id}
+    for _ in range(request.max_new_tokens):
+        padded = np.zeros((1, MAX_LENGTH), np.int32)
+        padded[0, :len(seq)] = seq
+        logits = _forward_seq2seq(graphdef, state, inputs, padded)[0, len(seq) - 1]
+        if request.temperature == 0:
+            token = int(jnp.argmax(logits))
+        else:
+            token = int(_reference_draw(logits, request.seed, len(seq), request.temperature,
+                                        request.top_p, top_k=request.top_k))
+        tokens.append(token)
+        logprobs.append(float(jax.nn.log_softmax(logits)[token]))
+        if token in stop:
+            break
+        seq.append(token)
+    return tokens, logprobs
+
+
+def _seq2seq_engine(net, num_slots):
+    return Engine(net, num_slots=num_slots, max_length=MAX_LENGTH, eos_id=EOS,
+                  prefill_buckets=(8, 16), max_input_length=MAX_INPUT)
+
+
+@pytest.mark.parametrize("name", ["t5", "switch"])
+def test_encoder_decoder_requests_equal_uncached_reference(seq2seq_nets, name):
+    """Encoder inputs of three buckets (8, 16, 24) and greedy / sampled requests through
+    2 slots: each equals its reference alone; another slot count and order agree."""
+    net = seq2seq_nets[name]
+    rng = np.random.RandomState(8)
+    shapes = [(5, 7, 0.0), (16, 12, 0.0), (1, 4, 1.0), (24, 9, 0.8), (11, 1, 0.0),
+              (20, 10, 1.2)]
+    requests = [Request(prompt=_prompt(rng, n), max_new_tokens=m, temperature=t, top_k=5 * (i % 2),
+                        seed=20 + i) for i, (n, m, t) in enumerate(shapes)]
+    stop = _reference_seq2seq(net, requests[1])[0][3]
+    requests[1] = dataclasses.replace(requests[1], stop_tokens=(stop,))
+    engine = _seq2seq_engine(net, num_slots=2)
+    results = engine.generate(requests)
+    assert engine.num_active == engine.num_waiting == 0
+    for request, got in zip(requests, results):
+        want_tokens, want_logprobs = _reference_seq2seq(net, request)
+        assert got.tokens == want_tokens, (request, got.tokens, want_tokens)
+        np.testing.assert_allclose(got.logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
+        assert got.prompt_length == len(request.prompt)
+    assert results[1].finish_reason == "stop" and len(results[1].tokens) <= 4
+    again = _seq2seq_engine(net, num_slots=3).generate(requests[::-1])[::-1]
+    assert [r.tokens for r in again] == [r.tokens for r in results]
+
+
+def test_encoder_decoder_engine_clear_errors(seq2seq_nets):
+    net = seq2seq_nets["t5"]
+    with pytest.raises(ValueError, match="needs the longest encoder input"):
+        Engine(net, num_slots=1, max_length=MAX_LENGTH, eos_id=EOS)
+    with pytest.raises(ValueError, match="prefix_cache applies to decoder-only prompts"):
+        Engine(net, num_slots=1, max_length=MAX_LENGTH, eos_id=EOS, max_input_length=8,
+               prefix_cache=PrefixCache(block_size=BLOCK))
+    with pytest.raises(ValueError, match=r"prefill_buckets \[16\] .* max_input_length=8"):
+        Engine(net, num_slots=1, max_length=MAX_LENGTH, eos_id=EOS, max_input_length=8,
+               prefill_buckets=(4, 16))
+    engine = _seq2seq_engine(net, num_slots=1)
+    with pytest.raises(ValueError, match="encoder input of 30 tokens exceeds the engine's "
+                                         "max_input_length=24"):
+        engine.submit(Request(prompt=[2] * 30, max_new_tokens=1))
+    with pytest.raises(ValueError, match=r"max_new_tokens=48 \+ the decoder start token "
+                                         r"exceeds the engine's max_length=48"):
+        engine.submit(Request(prompt=[2], max_new_tokens=48))
+    with pytest.raises(ValueError, match="token id 0, which the encoder masks as padding"):
+        engine.submit(Request(prompt=[2, 0, 3], max_new_tokens=1))
+    with pytest.raises(ValueError, match="max_input_length=8 is for encoder-decoder"):
+        Engine(_random_net(LLAMA, 1), num_slots=1, max_length=MAX_LENGTH, eos_id=EOS,
+               max_input_length=8)
+
+
 # --- prefix caching ---------------------------------------------------------------------
 
 
@@ -262,7 +366,7 @@ def test_clear_errors(nets):
         Engine(net, num_slots=1, max_length=32, eos_id=EOS, prefill_buckets=(8, 40))
     with pytest.raises(ValueError, match="cannot hold one block of 8 tokens"):
         _engine(net, 1, PrefixCache(block_size=BLOCK, max_bytes=BLOCK_BYTES - 1))
-    with pytest.raises(TypeError, match="decoder-only networks"):
+    with pytest.raises(TypeError, match=r"decoder-only .* and encoder-decoder"):
         Engine(object(), num_slots=1, max_length=MAX_LENGTH, eos_id=EOS)
     with pytest.raises(ValueError, match="prompt is empty"):
         Request(prompt=[], max_new_tokens=1)
