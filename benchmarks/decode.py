@@ -31,6 +31,9 @@ the outputs (equal where the method preserves them) and reports wall-clock media
   continuous batching  `serving.Engine` with 8 slots against 1 slot (one request at a time)
                        on requests of mixed lengths: generated tokens per second; outputs
                        must be identical
+  seq2seq batching     the same for the quickstart T5 (experiments/quickstart.gin; its
+                       checkpoint with --t5_dir, else its initialisation): encoder inputs
+                       of 8-96 tokens, 8-32 new tokens
 
 Speed is measured here, never asserted in tests.
 """
@@ -57,6 +60,8 @@ def _parse():
     parser = harness.argument_parser(__doc__)
     parser.add_argument("--target_dir", help="MODEL_DIR of experiments/speculative_target.gin")
     parser.add_argument("--drafter_dir", help="MODEL_DIR of experiments/speculative_drafter.gin")
+    parser.add_argument("--t5_dir", help="MODEL_DIR of experiments/quickstart.gin (the "
+                        "seq2seq section; default: its initialisation)")
     parser.add_argument("--random_init", action="store_true",
                         help="no checkpoints: randomly initialised models (speeds only)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and rounds")
@@ -67,7 +72,8 @@ def _parse():
                         "target this many AdamW steps on the target's own greedy continuations "
                         "of training text (sequence-level knowledge distillation); 0 = off")
     parser.add_argument("--sections", default="all",
-                        help="comma-separated: cache,speculative,prefix,quant,batching or all")
+                        help="comma-separated: cache,speculative,prefix,quant,batching,"
+                        "seq2seq or all")
     parser.add_argument("--json_out", default=None)
     args = parser.parse_args()
     if not args.random_init and not (args.target_dir and args.drafter_dir):
@@ -76,7 +82,8 @@ def _parse():
     if args.rounds < 1 or args.gamma < 1:
         parser.error(f"--rounds={args.rounds} and --gamma={args.gamma} must be >= 1")
     args.sections = harness.names(parser, args.sections,
-                                  ("cache", "speculative", "prefix", "quant", "batching"),
+                                  ("cache", "speculative", "prefix", "quant", "batching",
+                                   "seq2seq"),
                                   "section", allow_all=True)
     return args
 
@@ -87,7 +94,7 @@ def _parse():
 @dataclasses.dataclass
 class Loaded:
     name: str
-    network: object  # models.DecoderOnly with its parameters
+    network: object  # a models network (DecoderOnly, EncoderDecoder) with its parameters
     runtime: object
     params: object
     parameters: int
@@ -346,11 +353,12 @@ def section_speculative(target: Loaded, drafter: Loaded, ids, args) -> list[dict
     return rows
 
 
-def _engine_run(network, requests, *, num_slots: int, max_length: int, prefix_cache=None):
+def _engine_run(network, requests, *, num_slots: int, max_length: int, prefix_cache=None,
+                max_input_length=None):
     from t5x_like import serving
 
     engine = serving.Engine(network, num_slots=num_slots, max_length=max_length, eos_id=None,
-                            prefix_cache=prefix_cache)
+                            prefix_cache=prefix_cache, max_input_length=max_input_length)
     start = time.perf_counter()
     results = engine.generate(requests)
     return time.perf_counter() - start, results
@@ -437,6 +445,25 @@ def _first_divergence(a, b) -> int:
     return int(diff[0]) if diff.size else int(np.asarray(a).shape[1])
 
 
+def _slots_8_vs_1(network, requests, rounds: int, section: str, **engine_kw) -> dict:
+    """Generated tokens/s of an 8-slot engine against one request at a time."""
+    generated = sum(r.max_new_tokens for r in requests)
+    # Warm-up: compiles every prefill bucket and the decode step of both engines.
+    _engine_run(network, requests, num_slots=8, **engine_kw)
+    _engine_run(network, requests[:4], num_slots=1, **engine_kw)
+    batched, single, identical = [], [], True
+    for _ in range(rounds):
+        t8, out8 = _engine_run(network, requests, num_slots=8, **engine_kw)
+        t1, out1 = _engine_run(network, requests, num_slots=1, **engine_kw)
+        batched.append(t8)
+        single.append(t1)
+        identical &= [r.tokens for r in out8] == [r.tokens for r in out1]
+    t8, t1 = statistics.median(batched), statistics.median(single)
+    return {"section": section, "requests": len(requests), "generated_tokens": generated,
+            "slots_8_tokens_per_s": generated / t8, "one_at_a_time_tokens_per_s": generated / t1,
+            "speedup": t1 / t8, "identical": bool(identical)}
+
+
 def section_batching(target: Loaded, ids, args) -> list[dict]:
     import numpy as np
 
@@ -447,21 +474,22 @@ def section_batching(target: Loaded, ids, args) -> list[dict]:
     prompts = [list(p[: rng.integers(8, 64)]) for p in _prompts(ids, count, 64, offset=60_000)]
     requests = [serving.Request(prompt=p, max_new_tokens=int(rng.integers(8, 64)))
                 for p in prompts]
-    generated = sum(r.max_new_tokens for r in requests)
-    # Warm-up: compiles every prefill bucket and the decode step of both engines.
-    _engine_run(target.network, requests, num_slots=8, max_length=128)
-    _engine_run(target.network, requests[:4], num_slots=1, max_length=128)
-    batched, single, identical = [], [], True
-    for _ in range(args.rounds):
-        t8, out8 = _engine_run(target.network, requests, num_slots=8, max_length=128)
-        t1, out1 = _engine_run(target.network, requests, num_slots=1, max_length=128)
-        batched.append(t8)
-        single.append(t1)
-        identical &= [r.tokens for r in out8] == [r.tokens for r in out1]
-    t8, t1 = statistics.median(batched), statistics.median(single)
-    return [{"section": "batching", "requests": count, "generated_tokens": generated,
-             "slots_8_tokens_per_s": generated / t8, "one_at_a_time_tokens_per_s": generated / t1,
-             "speedup": t1 / t8, "identical": bool(identical)}]
+    return [_slots_8_vs_1(target.network, requests, args.rounds, "batching", max_length=128)]
+
+
+def section_seq2seq(t5: Loaded, ids, args) -> list[dict]:
+    import numpy as np
+
+    from t5x_like import serving
+
+    count = 16 if args.quick else 32
+    rng = np.random.default_rng(1)
+    inputs = [[t for t in p[: rng.integers(8, 96)] if t] or [2]
+              for p in _prompts(ids, count, 96, offset=70_000)]
+    requests = [serving.Request(prompt=p, max_new_tokens=int(rng.integers(8, 32)))
+                for p in inputs]
+    return [_slots_8_vs_1(t5.network, requests, args.rounds, "seq2seq", max_length=32,
+                          max_input_length=96)]
 
 
 # --- report -------------------------------------------------------------------------------
@@ -470,7 +498,7 @@ def section_batching(target: Loaded, ids, args) -> list[dict]:
 def _text(rows: list[dict], models: dict) -> str:
     lines = [f"models: {models}", ""]
     by = {s: [r for r in rows if r["section"] == s] for s in
-          ("cache", "speculative", "prefix", "quant", "batching")}
+          ("cache", "speculative", "prefix", "quant", "batching", "seq2seq")}
     if by["cache"]:
         lines += [*report.table([("cached vs uncached", "batch", "cached tok/s", "uncached tok/s",
                                 "speedup", "same tokens"), *[
@@ -504,12 +532,14 @@ def _text(rows: list[dict], models: dict) -> str:
              f"{r['heldout_ce']:.4f}", f"{r['max_logit_diff']:.4f}",
              f"{r['top1_agreement']:.4f}", str(r.get("first_greedy_divergence", "-")))
             for r in by["quant"]]]), ""]
-    if by["batching"]:
+    batching = [("decoder-only: mixed lengths, greedy", r) for r in by["batching"]] + [
+        ("T5: mixed input lengths, greedy", r) for r in by["seq2seq"]]
+    if batching:
         lines += [*report.table([("continuous batching", "requests", "8 slots tok/s",
                                 "1 at a time tok/s", "speedup", "same tokens"), *[
-            ("mixed lengths, greedy", str(r["requests"]), f"{r['slots_8_tokens_per_s']:.1f}",
+            (label, str(r["requests"]), f"{r['slots_8_tokens_per_s']:.1f}",
              f"{r['one_at_a_time_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
-             str(r["identical"])) for r in by["batching"]]])]
+             str(r["identical"])) for label, r in batching]])]
     return "\n".join(lines)
 
 
@@ -540,6 +570,9 @@ def main() -> None:
             rows += section_quant(target, ids, args)
         elif section == "batching":
             rows += section_batching(target, ids, args)
+        elif section == "seq2seq":
+            t5 = _load("experiments/quickstart.gin", args.t5_dir, "t5")
+            rows += section_seq2seq(t5, ids, args)
     models = {m.name: {"parameters": m.parameters,
                        "checkpoint": None if args.random_init else d}
               for m, d in ((target, args.target_dir), (drafter, args.drafter_dir))}

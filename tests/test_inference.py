@@ -130,7 +130,8 @@ def test_speculative_rejects_what_it_cannot_do(llama):
                             min_p=0.1)
     with pytest.raises(ValueError, match="unknown decoding method 'nucleus'"):
         model.predict_batch(net, _lm_batch(), method="nucleus")
-    with pytest.raises(ValueError, match="method='beam' takes beam_size and alpha, not"):
+    with pytest.raises(ValueError,
+                       match="method='beam' takes beam_size, alpha and stop_tokens, not"):
         model.predict_batch(net, _lm_batch(), method="beam", top_p=0.5)
     bert = model_api.EncoderOnlyModel(BERT, VOCAB)
     with pytest.raises(ValueError, match="predicts by an argmax"):

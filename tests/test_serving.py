@@ -96,12 +96,19 @@ def _reference_draw(logits, seed, position, temperature, top_p, top_k):
 def _reference(net, request, eos_id=EOS):
     """(tokens, log-probs, logits [G, V]) of `request` decoded alone without a cache."""
     graphdef, state = nnx.split(net)
-    seq, tokens, logprobs, all_logits = list(request.prompt), [], [], []
+    return _reference_loop(lambda padded: _forward(graphdef, state, padded), request,
+                           list(request.prompt), eos_id)
+
+
+def _reference_loop(forward, request, seq, eos_id):
+    """Greedy / seeded draws continuing `seq` by full forward passes over it, padded on
+    the right to MAX_LENGTH: `forward(padded [1, MAX_LENGTH])` -> logits [1, L, V]."""
+    tokens, logprobs, all_logits = [], [], []
     stop = {*request.stop_tokens, eos_id}
     for _ in range(request.max_new_tokens):
         padded = np.zeros((1, MAX_LENGTH), np.int32)
         padded[0, :len(seq)] = seq
-        logits = _forward(graphdef, state, padded)[0, len(seq) - 1]
+        logits = forward(padded)[0, len(seq) - 1]
         if request.temperature == 0:
             token = int(jnp.argmax(logits))
         else:
@@ -204,28 +211,14 @@ def _forward_seq2seq(graphdef, state, inputs, targets):
 
 
 def _reference_seq2seq(net, request, eos_id=EOS):
-    """(tokens, log-probs) of `request` decoded alone by full uncached forward passes:
-    encoder input padded to MAX_INPUT (masked), decoder tokens 0 (start) + generated."""
+    """(tokens, log-probs, logits) of `request` decoded alone by full uncached forward
+    passes: encoder input padded to MAX_INPUT (masked), decoder tokens 0 (start) and
+    the tokens generated so far."""
     graphdef, state = nnx.split(net)
     inputs = np.zeros((1, MAX_INPUT), np.int32)
     inputs[0, :len(request.prompt)] = request.prompt
-    seq, tokens, logprobs = [0], [], []
-    stop = {*request.stop_tokens, eos_id}
-    for _ in range(request.max_new_tokens):
-        padded = np.zeros((1, MAX_LENGTH), np.int32)
-        padded[0, :len(seq)] = seq
-        logits = _forward_seq2seq(graphdef, state, inputs, padded)[0, len(seq) - 1]
-        if request.temperature == 0:
-            token = int(jnp.argmax(logits))
-        else:
-            token = int(_reference_draw(logits, request.seed, len(seq), request.temperature,
-                                        request.top_p, top_k=request.top_k))
-        tokens.append(token)
-        logprobs.append(float(jax.nn.log_softmax(logits)[token]))
-        if token in stop:
-            break
-        seq.append(token)
-    return tokens, logprobs
+    return _reference_loop(lambda padded: _forward_seq2seq(graphdef, state, inputs, padded),
+                           request, [0], eos_id)
 
 
 def _seq2seq_engine(net, num_slots):
@@ -249,7 +242,7 @@ def test_encoder_decoder_requests_equal_uncached_reference(seq2seq_nets, name):
     results = engine.generate(requests)
     assert engine.num_active == engine.num_waiting == 0
     for request, got in zip(requests, results):
-        want_tokens, want_logprobs = _reference_seq2seq(net, request)
+        want_tokens, want_logprobs, _ = _reference_seq2seq(net, request)
         assert got.tokens == want_tokens, (request, got.tokens, want_tokens)
         np.testing.assert_allclose(got.logprobs, want_logprobs, rtol=1e-5, atol=1e-5)
         assert got.prompt_length == len(request.prompt)
