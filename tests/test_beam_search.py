@@ -164,6 +164,16 @@ PREV0 = np.asarray([0, 2, 3, 1], np.int32)
 TINY_FIRST = np.asarray([2, 0, 3, 3], np.int32)
 
 
+def _assert_beams_are(out, b, ranked):
+    """Row b's beams are the (score, sequence, log-prob) of `ranked`, in order."""
+    for j, (score, seq, lp) in enumerate(ranked):
+        np.testing.assert_array_equal(out.tokens[b, j, : len(seq)], seq)
+        np.testing.assert_array_equal(out.tokens[b, j, len(seq):], 0)
+        assert int(out.lengths[b, j]) == len(seq)
+        np.testing.assert_allclose(out.scores[b, j], score, atol=1e-5)
+        np.testing.assert_allclose(out.log_probs[b, j], lp, atol=1e-5)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
 def test_wide_beam_equals_brute_force_enumeration(alpha):
     """With K >= the EOS-free prefixes of length S - 1, every prefix stays alive until the
@@ -175,12 +185,7 @@ def test_wide_beam_equals_brute_force_enumeration(alpha):
     for b in range(len(PREV0)):
         ranked = brute_force(TINY_T3, PREV0[b], TINY_FIRST[b], TINY_STEPS, alpha)[:TINY_K]
         assert {len(r[1]) for r in ranked} != {TINY_STEPS}  # early and cut sequences both
-        for j, (score, seq, lp) in enumerate(ranked):
-            np.testing.assert_array_equal(out.tokens[b, j, : len(seq)], seq)
-            np.testing.assert_array_equal(out.tokens[b, j, len(seq):], 0)
-            assert int(out.lengths[b, j]) == len(seq)
-            np.testing.assert_allclose(out.scores[b, j], score, atol=1e-5)
-            np.testing.assert_allclose(out.log_probs[b, j], lp, atol=1e-5)
+        _assert_beams_are(out, b, ranked)
 
 
 # Stop tokens, [n] for every row and [B, n] per row (a row's list padded with EOS). The
@@ -195,12 +200,7 @@ def test_stop_tokens_end_beams_like_eos_against_brute_force(stop, alpha):
         enders = (EOS, *per_row[b])
         ranked = brute_force(TINY_T3, PREV0[b], TINY_FIRST[b], TINY_STEPS, alpha,
                              enders)[:TINY_K]
-        for j, (score, seq, lp) in enumerate(ranked):
-            np.testing.assert_array_equal(out.tokens[b, j, : len(seq)], seq)
-            np.testing.assert_array_equal(out.tokens[b, j, len(seq):], 0)
-            assert int(out.lengths[b, j]) == len(seq)
-            np.testing.assert_allclose(out.scores[b, j], score, atol=1e-5)
-            np.testing.assert_allclose(out.log_probs[b, j], lp, atol=1e-5)
+        _assert_beams_are(out, b, ranked)
         if set(enders) != {EOS}:  # a stop token really ended some of the returned beams
             assert any(seq[-1] in set(enders) - {EOS} for _, seq, _ in ranked)
     with pytest.raises(ValueError, match="stop_tokens has 3 rows but the batch has B=4"):
