@@ -83,6 +83,10 @@ def test_run_leaves_config_model_info_and_metrics(uninterrupted):
     assert both.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="needs --out"):
         plot.plot([model_dir, model_dir])
+    late = plot.plot(str(model_dir), str(model_dir / "late.png"), from_step=4)
+    assert late.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no records at or after step 7; lower --from_step"):
+        plot.plot(str(model_dir), str(model_dir / "none.png"), from_step=7)
 
 
 def test_checkpoint_restores_onto_a_different_mesh_exactly(uninterrupted):
