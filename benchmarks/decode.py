@@ -576,6 +576,8 @@ def main() -> None:
     models = {m.name: {"parameters": m.parameters,
                        "checkpoint": None if args.random_init else d}
               for m, d in ((target, args.target_dir), (drafter, args.drafter_dir))}
+    if "seq2seq" in args.sections:
+        models["t5"] = {"parameters": t5.parameters, "checkpoint": args.t5_dir}
     doc = report.document("decode", report.jax_machine(jax), models=models,
                           distilled_drafter=distilled, quick=args.quick, rounds=args.rounds,
                           results=rows)
