@@ -30,26 +30,34 @@ def check_registered(name: str) -> None:
 
 
 def _same_vocabulary(a: seqio.Vocabulary, b: seqio.Vocabulary) -> bool | None:
-    """True / False where it can tell; None for a vocabulary class without an `__eq__`.
+    """True / False where it can tell; None for a vocabulary class without an `__eq__`
+    or a model file that cannot be read here.
 
-    SentencePiece vocabularies of the same model file and extra ids are equal without
-    reading the file (it may be a remote path that is read lazily); otherwise seqio's
-    own `__eq__` decides (SentencePiece: the model's bytes; Byte: ids and extra ids).
+    SentencePiece: the same pieces, i.e. the same model file, or files with the same
+    bytes (a converted checkpoint's copy). Extra ids (sentinels) are not compared: an LM
+    task never produces them, and a model with fewer is still given every piece id.
+    Other classes: seqio's own `__eq__` (Byte: its extra ids).
     """
     if a is b:
         return True
     if type(a) is not type(b):
         return False
-    if isinstance(a, seqio.SentencePieceVocabulary) and (
-            a.sentencepiece_model_file == b.sentencepiece_model_file
-            and a.extra_ids == b.extra_ids):
-        return True
+    if isinstance(a, seqio.SentencePieceVocabulary):
+        if a.sentencepiece_model_file == b.sentencepiece_model_file:
+            return True
+        try:
+            return _file_bytes(a.sentencepiece_model_file) == _file_bytes(
+                b.sentencepiece_model_file)
+        except (OSError, tf.errors.OpError):  # e.g. a remote path not reachable here
+            return None
     if "__eq__" not in {k for cls in type(a).__mro__[:-1] for k in vars(cls)}:
         return None
-    try:
-        return a == b
-    except (OSError, tf.errors.OpError):  # a model file that cannot be read here
-        return None
+    return a == b
+
+
+def _file_bytes(path: str) -> bytes:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read()
 
 
 def _describe(vocab: seqio.Vocabulary) -> str:
