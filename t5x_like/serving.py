@@ -348,7 +348,6 @@ def _prefill_encoder(graphdef, state, cache: encoder_decoder.DecoderCache, logit
             for kv in row.cross_attention),
         encoder_mask=jnp.pad(row.encoder_mask, ((0, 0), (0, pad))))
     out, row = network.decode(None, None, jnp.zeros((1, 1), jnp.int32), cache=row)
-    row = jax.tree.map(lambda r, c: r.astype(c.dtype), row, cache)
     cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r, slot, 0),
                          cache, row)
     return cache, jax.lax.dynamic_update_index_in_dim(logits, out[:, 0], slot, 0)
