@@ -1,6 +1,9 @@
 """Test set-up: 8 simulated CPU devices, created before jax is first imported."""
 
+import gc
 import os
+import sys
+import time
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -39,3 +42,28 @@ def clean_gin():
     gin.clear_config(clear_constants=True)
     yield
     gin.clear_config(clear_constants=True)
+
+
+@pytest.fixture
+def settle_stray_callbacks(monkeypatch):
+    """For tests that make an Orbax restore fail part way (a corrupt checkpoint).
+
+    Orbax reads every array concurrently; when the first read fails, the restore's event
+    loop closes while TensorStore still finishes the others, and each of their callbacks
+    then raises "Event loop is closed" from a TensorStore thread. pytest's unraisable
+    hook formats those tracebacks (with `ast.parse`) in those threads, and CPython 3.11's
+    AST constructor keeps one recursion counter per interpreter: a `gin` parse
+    (`ast.literal_eval`) running at the same time in the next test can fail with
+    "SystemError: AST constructor recursion depth mismatch" (seen once in CI). This
+    fixture counts those callbacks without formatting them, and at teardown waits until
+    none has arrived for a second, so none outlives the test.
+    """
+    arrivals: list[float] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda _: arrivals.append(time.monotonic()))
+    yield arrivals
+    start = time.monotonic()
+    while time.monotonic() - start < 60:
+        time.sleep(0.25)
+        if time.monotonic() - max(arrivals, default=start) > 1.0:
+            break
+    gc.collect()  # the failed reads' asyncio tasks: logged here, on this thread

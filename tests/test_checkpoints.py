@@ -51,7 +51,8 @@ def test_keeps_last_k_and_restores_onto_another_mesh(tmp_path):
     assert {s.data.shape for s in w.addressable_shards} == {(8, 1)}
 
 
-def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(tmp_path):
+def test_corrupt_checkpoint_gives_clear_error_and_deletes_nothing(tmp_path,
+                                                                 settle_stray_callbacks):
     mesh = _mesh((8,), ("data",))
     state = _state(mesh)
     ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=3)

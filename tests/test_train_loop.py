@@ -104,7 +104,8 @@ def test_checkpoint_restores_onto_a_different_mesh_exactly(uninterrupted):
     assert any("model" in str(s.spec) for s in shardings)
 
 
-def test_corrupt_latest_checkpoint_stops_resume_with_clear_error(uninterrupted, tmp_path):
+def test_corrupt_latest_checkpoint_stops_resume_with_clear_error(uninterrupted, tmp_path,
+                                                               settle_stray_callbacks):
     import shutil
 
     model_dir, _ = uninterrupted
