@@ -476,7 +476,8 @@ class EncoderDecoder(nnx.Module):
         y, self_cache = self.decoder(
             y, cache.cross_attention, self_mask=self_mask, cross_mask=cross_mask,
             query_positions=query_positions, key_positions=key_positions,
-            self_cache=cache.self_attention, cache_index=cache.index, **kw)
+            self_cache=cache.self_attention, cache_index=cache.index,
+            token_mask=decoder_token_mask, **kw)
         new_cache = cache.replace(self_attention=self_cache, index=cache.index + t)
         return self._logits(y), new_cache
 

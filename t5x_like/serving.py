@@ -356,11 +356,13 @@ def _prefill_encoder(graphdef, state, cache: encoder_decoder.DecoderCache, logit
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _decode(graphdef, state, cache, tokens: Array, active: Array):
     """Feeds every row's last token (tokens [S]) -> (cache, next-token logits [S, V]).
-    Inactive rows keep their index (and, decoder-only, route nowhere in MoE layers)."""
+    Inactive rows keep their index and route nowhere in MoE layers (so, under capacity
+    routing, they take no expert slot from an active row)."""
     network = nnx.merge(graphdef, state)
     if isinstance(network, encoder_decoder.EncoderDecoder):
         # Cached decoding reads the encoder from the cache (cross K/V and mask).
-        logits, new = network.decode(None, None, tokens[:, None], cache=cache)
+        logits, new = network.decode(None, None, tokens[:, None], cache=cache,
+                                     decoder_token_mask=active[:, None])
     else:
         logits, new = network.decode(tokens[:, None], cache=cache, token_mask=active[:, None])
     return new.rewind(jnp.where(active, new.index, cache.index)), logits[:, 0]

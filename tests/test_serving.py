@@ -24,7 +24,7 @@ from flax import nnx
 from models import decoder_only as do
 from models import encoder_decoder as ed
 from models import moe
-from t5x_like import decoding
+from t5x_like import decoding, serving
 from t5x_like.serving import Engine, PrefixCache, Request
 
 V = 64
@@ -249,6 +249,42 @@ def test_encoder_decoder_requests_equal_uncached_reference(seq2seq_nets, name):
     assert results[1].finish_reason == "stop" and len(results[1].tokens) <= 4
     again = _seq2seq_engine(net, num_slots=3).generate(requests[::-1])[::-1]
     assert [r.tokens for r in again] == [r.tokens for r in results]
+
+
+def test_inactive_rows_take_no_expert_capacity_from_active_ones():
+    """The engine's decode step under capacity routing: 4 rows in one capacity group and
+    one slot per expert and group. Inactive rows 0-1 come first in token priority; masked,
+    they route nowhere, so the active rows 2-3 are the same whatever the inactive rows
+    hold. Unmasked, copies of the active rows would take their experts' slots first."""
+    cfg = dataclasses.replace(T5, moe=moe.MoeConfig(
+        num_experts=4, num_experts_per_token=1, renormalize=False, dispatch="capacity",
+        eval_capacity_factor=1.0, min_capacity=1, group_size=4))
+    net = _random_net(cfg, seed=9)
+    graphdef, state = nnx.split(net)
+    rng = np.random.RandomState(3)
+    real = rng.randint(2, V, (2, 12))
+    active = jnp.array([False, False, True, True])
+    feeds = [np.zeros(4, np.int32), rng.randint(2, V, 4), rng.randint(2, V, 4)]
+
+    def run(inactive_inputs, inactive_tokens, mask):
+        enc = jnp.asarray(np.concatenate([inactive_inputs, real]))
+        cache = net.init_cache(net.encode(enc), enc, MAX_LENGTH)
+        out = []
+        for feed in feeds:
+            tokens = jnp.asarray(np.concatenate([inactive_tokens(feed), feed[2:]]))
+            if mask:  # the engine's own step
+                cache, logits = serving._decode(graphdef, state, cache, tokens, active)
+            else:
+                logits, cache = net.decode(None, None, tokens[:, None], cache=cache)
+                logits = logits[:, 0]
+            out.append(np.asarray(logits[2:]))
+        return np.stack(out)
+
+    copies = run(real, lambda feed: feed[2:], mask=True)
+    others = run(rng.randint(2, V, (2, 12)), lambda feed: rng.randint(2, V, 2), mask=True)
+    np.testing.assert_array_equal(copies, others)
+    # The check can fail: unmasked copies take the active rows' expert slots.
+    assert not np.allclose(run(real, lambda feed: feed[2:], mask=False), copies, atol=1e-3)
 
 
 def test_encoder_decoder_engine_clear_errors(seq2seq_nets):
